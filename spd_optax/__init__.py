@@ -1,0 +1,34 @@
+"""spd_optax: Selective Projection Decay for robust fine-tuning, in optax.
+
+Users only ever type ``spd_optax.<name>``.
+"""
+
+from spd_optax._l2sp import adaml2sp
+from spd_optax._l2sp import L2SPState
+from spd_optax._l2sp import l2sp
+from spd_optax._spd import adamspd
+from spd_optax._spd import diagnostics_summary
+from spd_optax._spd import get_diagnostics
+from spd_optax._spd import projected_fraction
+from spd_optax._spd import projection_decay
+from spd_optax._spd import ProjectionDiagnostics
+from spd_optax._spd import selective_projection_decay
+from spd_optax._spd import set_anchor
+from spd_optax._spd import SPDState
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "L2SPState",
+    "ProjectionDiagnostics",
+    "SPDState",
+    "adaml2sp",
+    "adamspd",
+    "diagnostics_summary",
+    "get_diagnostics",
+    "l2sp",
+    "projected_fraction",
+    "projection_decay",
+    "selective_projection_decay",
+    "set_anchor",
+)

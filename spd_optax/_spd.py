@@ -1,0 +1,568 @@
+r"""Selective Projection Decay (SPD) as an optax wrapper.
+
+SPD (Tian, Huang, Kira, NeurIPS 2024) regularises fine-tuning selectively: a
+layer whose gradient disagrees with the direction it has already moved from
+its pre-trained weights is pulled back towards them; layers making consistent
+progress move freely.
+"""
+
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import tree_utils as otu
+
+from spd_optax import _tree
+
+AnchorSpec = Union[str, optax.Params]
+
+
+class ProjectionDiagnostics(NamedTuple):
+  """What the projection did at the last step, per selected leaf.
+
+  Each field is a tree with the structure of the params; leaves that the
+  transformation does not act on hold ``optax.MaskedNode``. A leaf stacked
+  along a leading layer axis (``stacked_layers``) holds one value per layer.
+  """
+
+  projected: Any  # bool, shape () or (num_layers,): projected this step.
+  ratio: Any  # float32, same shape: r_t in [0, 1] (0 when not computed).
+  deviation_norm: Any  # float32: ||theta_t - theta_0|| after the step.
+  num_projected: Any  # int32: steps on which this leaf was projected so far.
+
+
+class SPDState(NamedTuple):
+  """State of :func:`selective_projection_decay`."""
+
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+  inner_state: optax.OptState  # The wrapped optimizer's state.
+  # The anchor theta_0 per selected leaf (dtype `anchor_dtype`), MaskedNode
+  # elsewhere; optax.EmptyState() for the zero anchor, which stores nothing.
+  anchor: Any
+  diagnostics: ProjectionDiagnostics
+
+
+def _scalar_or_schedule(value: optax.ScalarOrSchedule, count: jax.Array):
+  return value(count) if callable(value) else value
+
+
+def _check_weight_decay(weight_decay: optax.ScalarOrSchedule, what: str):
+  if isinstance(weight_decay, (int, float)) and weight_decay < 0:
+    raise ValueError(
+        f'{what}: weight_decay must be >= 0, got {weight_decay}.'
+    )
+
+
+def _check_anchor_spec(anchor: AnchorSpec, what: str):
+  if isinstance(anchor, str) and anchor not in ('params', 'zeros'):
+    raise ValueError(
+        f"{what}: unknown anchor {anchor!r}; expected 'params', 'zeros' or a"
+        ' pytree of arrays with the structure of the params.'
+    )
+
+
+def _layer_shape(leaf: Any, stacked: bool, path: str, what: str):
+  if not stacked:
+    return ()
+  if len(leaf.shape) == 0:
+    raise ValueError(
+        f'{what}: leaf {path} is a scalar and cannot be stacked along a'
+        ' leading layer axis; leave it out of `stacked_layers`.'
+    )
+  return (leaf.shape[0],)
+
+
+def _project_leaf(grad, update, param, anchor, weight_decay, stacked, selective):
+  """SPD for one leaf (or one stack of layers). See SPD.md for the math.
+
+  Reductions run in float32 (float64 when the params are), whatever the
+  params' dtype; the returned update keeps the inner update's dtype.
+  """
+  dtype = jnp.promote_types(param.dtype, jnp.float32)
+  proposal = param.astype(dtype) + update.astype(dtype)
+  dev_prev, dev_new = param.astype(dtype), proposal
+  if anchor is not None:
+    dev_prev = dev_prev - anchor.astype(dtype)
+    dev_new = dev_new - anchor.astype(dtype)
+  axes = tuple(range(1 if stacked else 0, param.ndim))
+  # c_t = -<g, theta - theta0>; project when c_t < 0.
+  alignment = -jnp.sum(grad.astype(dtype) * dev_prev, axis=axes)
+  norm_prev = jnp.sqrt(jnp.sum(dev_prev * dev_prev, axis=axes))
+  norm_new = jnp.sqrt(jnp.sum(dev_new * dev_new, axis=axes))
+  nonzero = norm_new > 0
+  ratio = jnp.where(
+      nonzero,
+      jnp.clip((norm_new - norm_prev) / jnp.where(nonzero, norm_new, 1), 0, 1),
+      0,
+  )
+  if selective:
+    projected = alignment < 0
+  else:
+    projected = jnp.ones(alignment.shape, dtype=bool)
+  scale = jnp.where(projected, weight_decay.astype(dtype) * ratio, 0)
+  scale_b = scale.reshape(scale.shape + (1,) * (param.ndim - scale.ndim))
+  new_update = (update.astype(dtype) - scale_b * dev_new).astype(update.dtype)
+  deviation_norm = jnp.abs(1 - scale) * norm_new
+  return (
+      new_update,
+      projected,
+      ratio.astype(jnp.float32),
+      deviation_norm.astype(jnp.float32),
+  )
+
+
+def _anchored_projection(
+    inner: optax.GradientTransformation,
+    weight_decay: optax.ScalarOrSchedule,
+    anchor: AnchorSpec,
+    mask: Optional[_tree.LeafFlags],
+    anchor_dtype: Optional[Any],
+    stacked_layers: Optional[_tree.LeafFlags],
+    selective: bool,
+    what: str,
+) -> optax.GradientTransformationExtraArgs:
+  """Shared body of :func:`selective_projection_decay` and its ablation."""
+  _check_weight_decay(weight_decay, what)
+  _check_anchor_spec(anchor, what)
+  inner = optax.with_extra_args_support(inner)
+  zero_anchor = isinstance(anchor, str) and anchor == 'zeros'
+
+  def selected_leaves(params):
+    selected = _tree.resolve_flags(
+        True if mask is None else mask, params, 'mask'
+    )
+    stacked = _tree.resolve_flags(stacked_layers, params, 'stacked_layers')
+    return selected, stacked
+
+  def init_fn(params):
+    paths, leaves, treedef = _tree.leaves_with_paths(params)
+    selected, stacked = selected_leaves(params)
+    if zero_anchor:
+      stored_anchor = optax.EmptyState()
+      for path, leaf, sel in zip(paths, leaves, selected):
+        if sel:
+          _tree.check_inexact(path, leaf, what)
+    else:
+      stored_anchor = _tree.init_anchor(
+          params, anchor, selected, anchor_dtype, what
+      )
+
+    def per_leaf(make):
+      return treedef.unflatten([
+          make(_layer_shape(leaf, st, path, what)) if sel else optax.MaskedNode()
+          for path, leaf, sel, st in zip(paths, leaves, selected, stacked)
+      ])
+
+    diagnostics = ProjectionDiagnostics(
+        projected=per_leaf(lambda s: jnp.zeros(s, bool)),
+        ratio=per_leaf(lambda s: jnp.zeros(s, jnp.float32)),
+        deviation_norm=per_leaf(lambda s: jnp.zeros(s, jnp.float32)),
+        num_projected=per_leaf(lambda s: jnp.zeros(s, jnp.int32)),
+    )
+    return SPDState(
+        count=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(params),
+        anchor=stored_anchor,
+        diagnostics=diagnostics,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    grads = updates
+    updates, inner_state = inner.update(
+        grads, state.inner_state, params, **extra_args
+    )
+    lam = jnp.asarray(_scalar_or_schedule(weight_decay, state.count))
+    selected, stacked = selected_leaves(params)
+    grad_leaves = jax.tree.leaves(grads)
+    update_leaves, treedef = jax.tree.flatten(updates)
+    param_leaves = jax.tree.leaves(params)
+    if zero_anchor:
+      anchor_leaves = [None] * len(param_leaves)
+    else:
+      anchor_leaves = jax.tree.leaves(state.anchor, is_leaf=_tree.is_masked_node)
+    old = [
+        jax.tree.leaves(field, is_leaf=_tree.is_masked_node)
+        for field in state.diagnostics
+    ]
+    new_updates, projected, ratio, deviation, num_projected = [], [], [], [], []
+    for i, (g, u, p, a, sel, st) in enumerate(zip(
+        grad_leaves, update_leaves, param_leaves, anchor_leaves, selected,
+        stacked,
+    )):
+      if not sel:
+        new_updates.append(u)
+        for out in (projected, ratio, deviation, num_projected):
+          out.append(optax.MaskedNode())
+        continue
+      u, fired, r, dev = _project_leaf(g, u, p, a, lam, st, selective)
+      new_updates.append(u)
+      projected.append(fired)
+      ratio.append(r)
+      deviation.append(dev)
+      num_projected.append(old[3][i] + fired.astype(jnp.int32))
+    diagnostics = ProjectionDiagnostics(
+        *(treedef.unflatten(x)
+          for x in (projected, ratio, deviation, num_projected))
+    )
+    new_state = SPDState(
+        count=optax.safe_increment(state.count),
+        inner_state=inner_state,
+        anchor=state.anchor,
+        diagnostics=diagnostics,
+    )
+    return treedef.unflatten(new_updates), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def selective_projection_decay(
+    inner: optax.GradientTransformation,
+    weight_decay: optax.ScalarOrSchedule = 1.0,
+    *,
+    anchor: AnchorSpec = 'params',
+    mask: Optional[_tree.LeafFlags] = None,
+    anchor_dtype: Optional[Any] = None,
+    stacked_layers: Optional[_tree.LeafFlags] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Wraps an optimizer with Selective Projection Decay (SPD).
+
+  Per parameter tensor (a "layer") with anchor :math:`\theta_0`, raw gradient
+  :math:`g_t` and the inner optimizer's update :math:`u_t`:
+
+  .. math::
+
+    p_t &= \theta_{t-1} + u_t \\
+    c_t &= -\langle g_t, \theta_{t-1} - \theta_0 \rangle \\
+    r_t &= \mathrm{clip}\left(
+        \frac{\|p_t - \theta_0\| - \|\theta_{t-1} - \theta_0\|}
+             {\|p_t - \theta_0\|}, 0, 1\right) \\
+    \theta_t &= \begin{cases}
+        p_t - \lambda r_t (p_t - \theta_0) & c_t < 0 \\
+        p_t & \text{otherwise}
+    \end{cases}
+
+  and the returned update is :math:`\theta_t - \theta_{t-1}`. :math:`\lambda`
+  (``weight_decay``) is not scaled by the learning rate; with
+  :math:`\lambda = 1` a projected layer ends the step on the sphere of radius
+  :math:`\|\theta_{t-1} - \theta_0\|` around the anchor. Norms and inner
+  products are computed in float32 (or float64), :math:`r_t = 0` when
+  :math:`\|p_t - \theta_0\| = 0`, and everything runs inside ``jit`` with no
+  host round-trip.
+
+  SPD needs the raw gradient and the final, learning-rate-scaled update, so it
+  wraps the *whole* optimizer (clipping, schedules and all) rather than being
+  one member of a ``chain``.
+
+  The anchor is captured in ``init``: with ``anchor='params'`` call ``init``
+  on the pre-trained weights, or reset it later with
+  :func:`spd_optax.set_anchor` after loading them.
+
+  Args:
+    inner: the optimizer to wrap, e.g. ``optax.adam(1e-4)``.
+    weight_decay: :math:`\lambda \ge 0`, a float or a schedule of the step.
+    anchor: ``'params'`` (a copy of the params at ``init``: full fine-tuning),
+      ``'zeros'`` (:math:`\theta_0 = 0`, e.g. LoRA adapters; stores nothing),
+      or a pytree of arrays with the structure of the params.
+    mask: the leaves SPD acts on: a pytree of bools (or a prefix of the
+      params' structure) or a callable returning one. Other leaves get the
+      inner update untouched and store no anchor (e.g. a new head).
+    anchor_dtype: dtype of the stored anchors (e.g. ``jnp.bfloat16`` to halve
+      their memory); ``None`` keeps the params' dtype.
+    stacked_layers: leaves whose leading axis stacks separate layers (models
+      that scan over their blocks); SPD then selects and projects each slice
+      along that axis on its own. Same forms as ``mask``.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is :class:`SPDState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, spd_optax
+    >>> target = jnp.array([1.0, -2.0, 3.0])
+    >>> loss = lambda p: jnp.sum((p - target) ** 2)
+    >>> params = jnp.zeros(3)  # The "pre-trained" weights: the anchor.
+    >>> opt = spd_optax.selective_projection_decay(optax.adam(0.1), 1.0)
+    >>> state = opt.init(params)
+    >>> for _ in range(5):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = opt.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(f'{loss(params):.2f}')  # Consistent progress: never projected.
+    8.78
+
+  References:
+    Tian, Huang, Kira, `Rethinking Weight Decay for Robust Fine-Tuning of
+    Foundation Models <https://arxiv.org/abs/2411.01713>`_, NeurIPS 2024.
+  """
+  return _anchored_projection(
+      inner, weight_decay, anchor, mask, anchor_dtype, stacked_layers,
+      selective=True, what='selective_projection_decay',
+  )
+
+
+def projection_decay(
+    inner: optax.GradientTransformation,
+    weight_decay: optax.ScalarOrSchedule = 1.0,
+    *,
+    anchor: AnchorSpec = 'params',
+    mask: Optional[_tree.LeafFlags] = None,
+    anchor_dtype: Optional[Any] = None,
+    stacked_layers: Optional[_tree.LeafFlags] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The non-selective ablation of SPD: project every layer at every step.
+
+  Identical to :func:`selective_projection_decay` with the condition
+  :math:`c_t < 0` replaced by "always":
+  :math:`\theta_t = p_t - \lambda r_t (p_t - \theta_0)`.
+
+  Args:
+    inner: the optimizer to wrap.
+    weight_decay: :math:`\lambda \ge 0`, a float or a schedule.
+    anchor: ``'params'``, ``'zeros'`` or a pytree, as in
+      :func:`selective_projection_decay`.
+    mask: the leaves to act on.
+    anchor_dtype: dtype of the stored anchors.
+    stacked_layers: leaves whose leading axis stacks separate layers.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is :class:`SPDState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, spd_optax
+    >>> opt = spd_optax.projection_decay(optax.sgd(0.1), 1.0)
+    >>> params = jnp.zeros(2)
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update(jnp.ones(2), state, params)
+    >>> updates  # At the anchor nothing grows back: r = 1, projected to 0.
+    Array([0., 0.], dtype=float32)
+
+  References:
+    Tian, Huang, Kira, NeurIPS 2024 (the ablation of the selection rule).
+  """
+  return _anchored_projection(
+      inner, weight_decay, anchor, mask, anchor_dtype, stacked_layers,
+      selective=False, what='projection_decay',
+  )
+
+
+def adamspd(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 1.0,
+    *,
+    anchor: AnchorSpec = 'params',
+    mask: Optional[_tree.LeafFlags] = None,
+    anchor_dtype: Optional[Any] = None,
+    stacked_layers: Optional[_tree.LeafFlags] = None,
+    mu_dtype: Optional[Any] = None,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam with Selective Projection Decay: the paper's Adam-SPD.
+
+  ``optax.adam`` wrapped by :func:`selective_projection_decay`; SPD replaces
+  AdamW's decoupled decay (there is no other decay).
+
+  Args:
+    learning_rate: a float or a schedule.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: added to the denominator outside the square root.
+    eps_root: added to the denominator inside the square root.
+    weight_decay: SPD's :math:`\lambda` (not scaled by the learning rate).
+    anchor: ``'params'``, ``'zeros'`` or a pytree.
+    mask: the leaves SPD acts on (all others get plain Adam).
+    anchor_dtype: dtype of the stored anchors.
+    stacked_layers: leaves whose leading axis stacks separate layers.
+    mu_dtype: dtype of Adam's first moment.
+    nesterov: use Nesterov momentum in Adam.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is :class:`SPDState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, spd_optax
+    >>> params = {'w': jnp.ones((2, 2)), 'b': jnp.zeros(2)}
+    >>> opt = spd_optax.adamspd(1e-2, weight_decay=1.0)
+    >>> state = opt.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> print(f"{params['w'][0, 0]:.4f}")
+    0.9900
+
+  References:
+    Tian, Huang, Kira, NeurIPS 2024; Kingma and Ba, Adam, ICLR 2015.
+  """
+  return selective_projection_decay(
+      optax.adam(
+          learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+          mu_dtype=mu_dtype, nesterov=nesterov,
+      ),
+      weight_decay,
+      anchor=anchor,
+      mask=mask,
+      anchor_dtype=anchor_dtype,
+      stacked_layers=stacked_layers,
+  )
+
+
+def _map_anchored_states(fn, opt_state):
+  """Applies ``fn`` to every anchored state inside ``opt_state``."""
+  from spd_optax import _l2sp  # pylint: disable=g-import-not-at-top
+
+  anchored = (SPDState, _l2sp.L2SPState)
+  return jax.tree.map(
+      lambda s: fn(s) if isinstance(s, anchored) else s,
+      opt_state,
+      is_leaf=lambda s: isinstance(s, anchored),
+  )
+
+
+def set_anchor(opt_state: optax.OptState, anchor: optax.Params):
+  """Returns ``opt_state`` with every stored anchor reset to ``anchor``.
+
+  Training loops often build the optimizer (and call ``init``) before the
+  pre-trained checkpoint is restored; call this once the weights are loaded,
+  or SPD and L2-SP pull towards the random initialisation. It reaches the
+  anchored states anywhere in the state tree (inside ``chain``,
+  ``inject_hyperparams``, ``MultiSteps``...), keeps each anchor's dtype,
+  sharding and mask, and works under ``jit``.
+
+  Args:
+    opt_state: an optimizer state holding :class:`SPDState` or
+      :class:`L2SPState` values.
+    anchor: the new anchor, with the structure of the params.
+
+  Returns:
+    The new optimizer state.
+
+  Raises:
+    ValueError: if the state holds no anchor to set (a zero anchor stores
+      none), or the new anchor's structure or shapes do not match.
+
+  Examples:
+    >>> import jax.numpy as jnp, spd_optax
+    >>> opt = spd_optax.adamspd(1e-3)
+    >>> state = opt.init({'w': jnp.zeros(3)})  # Before loading weights.
+    >>> state = spd_optax.set_anchor(state, {'w': jnp.ones(3)})
+    >>> state.anchor['w']
+    Array([1., 1., 1.], dtype=float32)
+  """
+  found = []
+
+  def reset(state):
+    if isinstance(state.anchor, optax.EmptyState):
+      raise ValueError(
+          "set_anchor: this optimizer uses anchor='zeros', which stores no"
+          ' anchor to set.'
+      )
+    found.append(state)
+    return state._replace(
+        anchor=_tree.set_anchor_tree(state.anchor, anchor, 'set_anchor')
+    )
+
+  new_state = _map_anchored_states(reset, opt_state)
+  if not found:
+    raise ValueError(
+        'set_anchor: the optimizer state holds no SPDState or L2SPState.'
+    )
+  return new_state
+
+
+def _find_spd_states(opt_state) -> list[SPDState]:
+  return [
+      s
+      for s in jax.tree.leaves(
+          opt_state, is_leaf=lambda s: isinstance(s, SPDState)
+      )
+      if isinstance(s, SPDState)
+  ]
+
+
+def get_diagnostics(opt_state: optax.OptState) -> ProjectionDiagnostics:
+  """The per-leaf diagnostics of the (single) SPD state in ``opt_state``.
+
+  Args:
+    opt_state: an optimizer state containing one :class:`SPDState`.
+
+  Returns:
+    Its :class:`ProjectionDiagnostics`: trees with the params' structure.
+
+  Examples:
+    >>> import jax.numpy as jnp, spd_optax
+    >>> opt = spd_optax.adamspd(1e-3)
+    >>> state = opt.init({'w': jnp.zeros(3)})
+    >>> spd_optax.get_diagnostics(state).projected['w']
+    Array(False, dtype=bool)
+  """
+  states = _find_spd_states(opt_state)
+  if len(states) != 1:
+    raise ValueError(
+        f'get_diagnostics: expected one SPDState in the optimizer state,'
+        f' found {len(states)}.'
+    )
+  return states[0].diagnostics
+
+
+def projected_fraction(opt_state: optax.OptState) -> jax.Array:
+  """Fraction of the selected layers that SPD projected at the last step.
+
+  A stacked leaf counts each of its layers. Over all SPD states found.
+  """
+  fired = []
+  for s in _find_spd_states(opt_state):
+    fired += [jnp.ravel(x) for x in jax.tree.leaves(s.diagnostics.projected)]
+  if not fired:
+    raise ValueError('projected_fraction: the optimizer state holds no SPD.')
+  return jnp.mean(jnp.concatenate(fired).astype(jnp.float32))
+
+
+def diagnostics_summary(opt_state: optax.OptState) -> dict[str, jax.Array]:
+  """Scalars ready to log: projected fraction, fire rate, deviation norm.
+
+  Returns:
+    ``{'spd/projected_fraction', 'spd/fire_rate', 'spd/mean_ratio',
+    'spd/deviation_norm'}``: the fraction of layers projected at the last
+    step, the fraction of (layer, step) pairs projected since ``init``, the
+    mean :math:`r_t` over the projected layers at the last step, and the
+    global norm of :math:`\\theta_t - \\theta_0` over the selected leaves.
+
+  Examples:
+    >>> import jax.numpy as jnp, spd_optax
+    >>> opt = spd_optax.adamspd(1e-3)
+    >>> state = opt.init({'w': jnp.zeros(3)})
+    >>> sorted(spd_optax.diagnostics_summary(state))
+    ['spd/deviation_norm', 'spd/fire_rate', 'spd/mean_ratio', 'spd/projected_fraction']
+  """
+  states = _find_spd_states(opt_state)
+  if not states:
+    raise ValueError('diagnostics_summary: the optimizer state holds no SPD.')
+
+  def cat(field):
+    leaves = [
+        jnp.ravel(x) for s in states for x in jax.tree.leaves(field(s))
+    ]
+    return (jnp.concatenate(leaves) if leaves else jnp.zeros([0])).astype(
+        jnp.float32
+    )
+
+  projected = cat(lambda s: s.diagnostics.projected)
+  ratio = cat(lambda s: s.diagnostics.ratio)
+  steps = jnp.maximum(
+      sum(s.count for s in states) / len(states), 1
+  ).astype(jnp.float32)
+  num_fired = jnp.sum(projected)
+  return {
+      'spd/projected_fraction': jnp.mean(projected),
+      'spd/fire_rate': jnp.mean(cat(lambda s: s.diagnostics.num_projected))
+      / steps,
+      'spd/mean_ratio': jnp.sum(ratio * projected) / jnp.maximum(num_fired, 1),
+      'spd/deviation_norm': jnp.sqrt(
+          jnp.sum(jnp.square(cat(lambda s: s.diagnostics.deviation_norm)))
+      ),
+  }
