@@ -27,7 +27,7 @@ class ProjectionDiagnostics(NamedTuple):
   """
 
   projected: Any  # bool, shape () or (num_layers,): projected this step.
-  ratio: Any  # float32, same shape: r_t in [0, 1] (0 when not computed).
+  ratio: Any  # float32, same shape: r_t in [0, 1] (applied only if projected).
   deviation_norm: Any  # float32: ||theta_t - theta_0|| after the step.
   num_projected: Any  # int32: steps on which this leaf was projected so far.
 
