@@ -5,6 +5,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from optax._src import base  # For NO_PARAMS_MSG, optax's own wording.
 
 from spd_optax import _tree
 
@@ -84,7 +85,7 @@ def l2sp(
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(base.NO_PARAMS_MSG)
     lam = weight_decay(state.count) if callable(weight_decay) else weight_decay
     selected = selected_leaves(params)
     update_leaves, treedef = jax.tree.flatten(updates)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import optax
-from optax import tree_utils as otu
+from optax._src import base  # For NO_PARAMS_MSG, optax's own wording.
 
 from spd_optax import _tree
 
@@ -169,7 +169,7 @@ def _anchored_projection(
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(base.NO_PARAMS_MSG)
     grads = updates
     updates, inner_state = inner.update(
         grads, state.inner_state, params, **extra_args
