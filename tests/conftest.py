@@ -3,3 +3,15 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def digits_data_dir(tmp_path_factory):
+  """The digits_domains sets the tiny config reads, built once per worker."""
+  from train import digits_domains  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('tfds'))
+  digits_domains.build(path, configs=('clean', 'rotate', 'invert'))
+  return path

@@ -1,0 +1,1 @@
+"""Configs: plain Python files, each with a ``get_config()``."""

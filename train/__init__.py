@@ -1,0 +1,1 @@
+"""Fine-tune Flax NNX ViTs with SPD: ``python -m train --config ... --workdir ...``."""
