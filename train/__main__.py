@@ -5,7 +5,7 @@ Override any config field on the command line, e.g.
 again with the same workdir resumes from its newest checkpoint.
 """
 
-import logging as std_logging
+import os
 
 from absl import app
 from absl import flags
@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from train import metrics
 from train import train
 
 FLAGS = flags.FLAGS
@@ -22,32 +23,34 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops the libraries' INFO chatter (Orbax logs every file it writes)."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or not any(
-        f'/{lib}/' in record.pathname for lib in ('orbax', 'etils', 'grain',
-                                                  'tensorflow_datasets'))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  if _on_cluster():  # Before anything touches a JAX backend.
-    jax.distributed.initialize()
+  metrics.quiet_libraries()
+  _initialize_distributed()  # Before anything touches a JAX backend.
   logging.info('JAX process %d/%d, %d local devices', jax.process_index(),
                jax.process_count(), jax.local_device_count())
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-def _on_cluster() -> bool:
-  """Whether a multi-host launcher (SLURM, TPU pod, coordinator env) is set."""
-  import os  # pylint: disable=g-import-not-at-top
-  return any(v in os.environ for v in (
-      'JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
-      'MEGASCALE_COORDINATOR_ADDRESS'))
+def _initialize_distributed() -> None:
+  """Joins the other processes of a multi-host run, if this is one.
+
+  ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` launches by hand (or on CPUs,
+  over gloo); on SLURM, TPU pods and other clusters JAX detects it all.
+  """
+  env = os.environ
+  if 'JAX_COORDINATOR_ADDRESS' in env and 'JAX_NUM_PROCESSES' in env:
+    jax.distributed.initialize(
+        env['JAX_COORDINATOR_ADDRESS'],
+        num_processes=int(env['JAX_NUM_PROCESSES']),
+        process_id=int(env['JAX_PROCESS_ID']),
+    )
+  elif any(v in env for v in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
+                              'MEGASCALE_COORDINATOR_ADDRESS',
+                              'OMPI_COMM_WORLD_SIZE')):
+    jax.distributed.initialize()
 
 
 if __name__ == '__main__':

@@ -4,16 +4,20 @@ Saves are atomic (Orbax writes a temporary directory and renames it when
 complete), keep the newest ``keep`` steps, and restore onto whatever sharding
 the freshly built model and optimizer already have, so a run resumes on a mesh
 of any shape. A newest checkpoint that cannot be read (truncated, half
-written) is reported by name and the previous one is used instead; nothing is
-ever deleted by a failed save or restore.
+written) is reported by name and the previous one is used instead; the
+damaged one is moved aside (``damaged_step_<N>_<time>``), never deleted. A
+failed save leaves only a temporary directory that no restore reads, and an
+existing step is never overwritten.
 """
 
 import json
 import logging
 import os
+import time
 from typing import Any, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -96,10 +100,11 @@ class Checkpointer:
         )
         continue
       if failed:
+        moved = [self._set_aside(s) for s, _ in failed]
         logging.warning(
-            'Resumed from step %d because newer checkpoint(s) %s in %s are'
-            ' damaged; they were left in place.',
-            step, [s for s, _ in failed], self.directory,
+            'Resuming from checkpoint step %d in %s because newer step(s) %s'
+            ' cannot be read; they were moved, not deleted, to %s.',
+            step, self.directory, [s for s, _ in failed], moved,
         )
       return step, restored['model'], restored['optimizer'], restored['meta']
     if failed:
@@ -108,6 +113,16 @@ class Checkpointer:
           + '; '.join(f'step {s}: {e}' for s, e in failed)
       )
     return None
+
+  def _set_aside(self, step: int) -> str:
+    """Renames a damaged step out of the way (the run will save it anew)."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f'damaged_step_{step}_{int(time.time())}')
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.replace(src, dst)
+    multihost_utils.sync_global_devices(f'set aside damaged step {step}')
+    self._manager.reload()
+    return dst
 
   def close(self) -> None:
     self._manager.close()

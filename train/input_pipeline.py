@@ -60,8 +60,24 @@ def _ensure_prepared(name: str, data_dir) -> None:
     )
 
 
-def source(name: str, split: str, data_dir) -> Any:
-  """A random-access TFDS data source (``len`` and ``[i]``)."""
+def source(name: str, split: str, data_dir, *, cache: bool = False) -> Any:
+  """A random-access TFDS data source (``len`` and ``[i]``).
+
+  With ``cache``, the decoded examples are kept in memory (for small sets:
+  the demo's digits), shared by every later call in the process.
+  """
+  if cache:
+    return _cached_source(name, split, data_dir)
+  return _source(name, split, data_dir)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_source(name: str, split: str, data_dir) -> list:
+  src = _source(name, split, data_dir)
+  return list(src.__getitems__(range(len(src))))
+
+
+def _source(name: str, split: str, data_dir) -> Any:
   _ensure_prepared(name, data_dir)
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir,
@@ -232,7 +248,8 @@ def train_batches(
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   local = _local_batch_size(global_batch_size, pc)
-  src = source(dataset.name, dataset.train_split, _data_dir(dataset))
+  src = source(dataset.name, dataset.train_split, _data_dir(dataset),
+               cache=dataset.cache_in_memory)
   ds = (
       grain.MapDataset.source(src)
       .seed(seed)
@@ -270,7 +287,7 @@ def eval_batches(
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   local = _local_batch_size(global_batch_size, pc)
-  src = source(name, split, _data_dir(dataset))
+  src = source(name, split, _data_dir(dataset), cache=dataset.cache_in_memory)
   n = len(src)
   padded = -(-n // global_batch_size) * global_batch_size
   ds = (

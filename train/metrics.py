@@ -6,11 +6,27 @@ resumption read back; TensorBoard gets the same scalars.
 """
 
 import json
+import logging
 import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops the libraries' INFO chatter (Orbax logs every file it writes)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or not any(
+        f'/{lib}/' in record.pathname
+        for lib in ('orbax', 'etils', 'grain', 'tensorflow_datasets', 'jax'))
+
+
+def quiet_libraries() -> None:
+  """Keeps our INFO logs and the libraries' warnings; drops their INFO."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 class MetricWriter:

@@ -56,8 +56,8 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     # Tiny models for tests and the laptop demo (32x32 images).
     'mu/4': ModelConfig(width=32, depth=2, mlp_dim=64, num_heads=2,
                         patch_size=4),
-    'xs/4': ModelConfig(width=64, depth=4, mlp_dim=128, num_heads=4,
-                        patch_size=4),
+    'xs/8': ModelConfig(width=64, depth=4, mlp_dim=128, num_heads=4,
+                        patch_size=8),
     # The ViT family (Dosovitskiy et al.; Steiner et al.).
     'ti/16': ModelConfig(width=192, depth=12, mlp_dim=768, num_heads=3,
                          patch_size=16),

@@ -189,18 +189,24 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict):
     os.replace(path + '.tmp', path)
 
 
-def _check_finite(loss, step, config, workdir) -> None:
-  if not np.isfinite(loss) and not config.optimizer.skip_nonfinite:
-    raise FloatingPointError(
-        f'Loss is {loss} at step {step}; the newest checkpoint in {workdir}'
-        ' is from before it. Lower config.optimizer.learning_rate, or set'
-        ' config.optimizer.skip_nonfinite=True to skip such steps'
-        ' (optax.apply_if_finite).'
-    )
+def _check_finite(out, step, config, workdir) -> None:
+  """Stops on a non-finite loss or gradient unless the config skips them."""
+  loss, grad_norm = out['train/loss'], out['train/grad_norm']
+  if config.optimizer.skip_nonfinite or (
+      np.isfinite(loss) and np.isfinite(grad_norm)):
+    return
+  raise FloatingPointError(
+      f'Loss is {loss} and gradient norm {grad_norm} at step {step}; the'
+      f' newest checkpoint in {workdir} is from before it. Lower'
+      ' config.optimizer.learning_rate, or set'
+      ' config.optimizer.skip_nonfinite=True to skip such steps'
+      ' (optax.apply_if_finite).'
+  )
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str
+    config: ml_collections.ConfigDict, workdir: str, *,
+    print_summary: bool = True,
 ) -> dict[str, float]:
   """Trains, evaluates and checkpoints; returns the final eval metrics."""
   workdir = os.path.abspath(workdir)
@@ -265,7 +271,7 @@ def train_and_evaluate(
                             or step == last_step)
       if is_log_step or is_checkpoint_step:  # No checkpoint may hold NaNs.
         out = jax.device_get(out)
-        _check_finite(out['train/loss'], step, config, workdir)
+        _check_finite(out, step, config, workdir)
       if is_log_step:
         elapsed = time.perf_counter() - window_start
         out['train/learning_rate'] = schedule(step - 1)
@@ -290,7 +296,7 @@ def train_and_evaluate(
       eval_results = evaluate(model, config, mesh)
   ckpt.close()
   writer.close()
-  if jax.process_index() == 0:
+  if print_summary and jax.process_index() == 0:
     rows = [[k.removeprefix('eval/').removesuffix('_accuracy'), v]
             for k, v in eval_results.items()]
     print(metrics_lib.format_table(rows, ['eval set', 'accuracy']))

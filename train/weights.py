@@ -314,7 +314,7 @@ def load_pretrained(model, path: str, *, dont_load: Iterable[str] = (),
   nnx.update(model, state)
   sources = {s for _, s in theirs.values()}
   unused = sorted(source for name, (_, source) in theirs.items()
-                  if name not in used)
+                  if name not in used and name not in kept)
   unused += sorted(k for k in src if _bare(k) not in sources
                    and not k.startswith(_OTHER_TOWER))
   return {'loaded': len(new), 'kept': kept, 'unused': unused}

@@ -1,0 +1,226 @@
+"""Faults a long run meets: kills, damaged checkpoints, many hosts, bad input.
+
+Each test runs ``python -m train`` on the tiny config as a user would, and
+checks what the program did and that nothing was lost.
+"""
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import checkpoints
+from tests import trainlib
+
+# Slow enough steps (an evaluation each) to be killed in the middle.
+LONG = ('--config.num_train_steps=10', '--config.eval_every_steps=1',
+        '--config.log_every_steps=1', '--config.checkpoint_every_steps=3')
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  """Blocks until ``metrics.jsonl`` has a training row at ``step``."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read()[-4000:]
+    if os.path.exists(path):
+      with open(path) as f:
+        if any(f'"step": {step}, "train/' in line for line in f):
+          return
+    time.sleep(0.02)
+  raise TimeoutError(f'step {step} never logged')
+
+
+def test_sigkill_then_same_command_resumes_exactly(digits_data_dir,
+                                                  tmp_path):
+  whole, killed = str(tmp_path / 'whole'), str(tmp_path / 'killed')
+  trainlib.run_train(whole, digits_data_dir, *LONG)
+  proc = subprocess.Popen(
+      trainlib.train_command(killed, digits_data_dir, *LONG),
+      env=trainlib.env_with_devices(1), cwd=trainlib.REPO,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(killed, 5, proc)  # Past the step-3 checkpoint, before 6.
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert sorted(checkpoints.Checkpointer(
+      os.path.join(killed, 'checkpoints')).all_steps())[-1] in (3, 6)
+  result = trainlib.run_train(killed, digits_data_dir, *LONG)
+  assert 'Resumed from step' in result.stderr
+  model_a, opt_a, rows_a = trainlib.final_state(whole)
+  model_b, opt_b, rows_b = trainlib.final_state(killed)
+  trainlib.assert_trees_equal(model_a, model_b)
+  trainlib.assert_trees_equal(opt_a, opt_b)  # Anchors included.
+  trainlib.assert_rows_equal(rows_a, rows_b)  # Logged metrics too.
+
+
+def _truncate_largest_file(step_dir):
+  files = [f for f in glob.glob(os.path.join(step_dir, '**', '*'),
+                                recursive=True) if os.path.isfile(f)]
+  victim = max(files, key=os.path.getsize)
+  with open(victim, 'r+b') as f:
+    f.truncate(os.path.getsize(victim) // 3)
+  return victim
+
+
+def test_damaged_newest_checkpoint_falls_back_and_is_kept(digits_data_dir,
+                                                          tmp_path):
+  whole, damaged = str(tmp_path / 'whole'), str(tmp_path / 'damaged')
+  trainlib.run_train(whole, digits_data_dir)
+  trainlib.run_train(damaged, digits_data_dir)  # Checkpoints 3 and 6.
+  ckpt_dir = os.path.join(damaged, 'checkpoints')
+  _truncate_largest_file(os.path.join(ckpt_dir, '6'))
+  result = trainlib.run_train(damaged, digits_data_dir)
+  # The warning names both steps; the damaged one was moved, not deleted.
+  assert 'Resuming from checkpoint step 3' in result.stderr
+  assert 'step(s) [6] cannot be read' in result.stderr
+  assert len(glob.glob(os.path.join(ckpt_dir, 'damaged_step_6_*'))) == 1
+  # Steps 4-6 were trained again, exactly as before.
+  model_a, opt_a, _ = trainlib.final_state(whole)
+  model_b, opt_b, _ = trainlib.final_state(damaged)
+  trainlib.assert_trees_equal(model_a, model_b)
+  trainlib.assert_trees_equal(opt_a, opt_b)
+
+
+def test_a_failed_save_leaves_every_good_checkpoint(tmp_path):
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2)
+  good = {'w': jnp.arange(4.0)}
+  ckpt.save(3, good, good, {'step': 3})
+  with pytest.raises(ValueError):  # Not an array: fails half-way.
+    ckpt.save(6, {'w': object()}, good, {'step': 6})
+  with pytest.raises(Exception, match='already exists'):
+    ckpt.save(3, {'w': jnp.zeros(4)}, good, {'step': 3})  # No overwrite.
+  assert ckpt.all_steps() == [3]
+  step, model, _, meta = ckpt.restore_latest(good, good)
+  assert step == 3 and meta == {'step': 3}
+  np.testing.assert_array_equal(model['w'], good['w'])
+  ckpt.close()
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_match_one_of_eight(digits_data_dir,
+                                                          tmp_path):
+  single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
+  trainlib.run_train(single, digits_data_dir, '--config.mesh.fsdp=2',
+                     num_devices=8)
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = trainlib.env_with_devices(
+        4, JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+        JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(
+        trainlib.train_command(multi, digits_data_dir, '--config.mesh.fsdp=2'),
+        env=env, cwd=trainlib.REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True))
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-6000:]
+  assert 'JAX process 1/2, 4 local devices' in err
+  model_1, opt_1, rows_1 = trainlib.final_state(single)
+  model_2, opt_2, rows_2 = trainlib.final_state(multi)
+  key_bias = "['key']['bias']"  # Zero gradient: rounding noise (test_train).
+  trainlib.assert_trees_equal(model_1, model_2, rtol=1e-5, atol=1e-6,
+                              skip=key_bias)
+  trainlib.assert_trees_equal(opt_1, opt_2, rtol=1e-4, atol=1e-6,
+                              skip=key_bias)
+  assert [r['step'] for r in rows_1] == [r['step'] for r in rows_2]
+  for a, b in zip(rows_1, rows_2):
+    for k in a:
+      if 'loss' in k or 'accuracy' in k:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
+
+
+BAD_INPUT = [
+    # (overrides, what stderr must say)
+    (('--config.optimizer.nmae=spd',), 'nmae'),
+    (('--config.batch_size=lots',), 'batch_size'),
+    (('--config.optimizer.name=sgd',), "config.optimizer.name='sgd'"),
+    (('--config.model.name=b/15',), "Unknown model 'b/15'"),
+    (('--config.dataset.name=no_such_dataset',), 'no_such_dataset'),
+    (('--config.dataset.ood.rotate.split=nope',), "'nope'"),
+    (('--config.pretrained.path=/nonexistent/vit.npz',), '/nonexistent/vit.npz'),
+    (('--config.optimizer.learning_rate=1e30',
+      '--config.optimizer.warmup_steps=0'), 'set config.optimizer.skip_nonfinite=True'),
+]
+
+
+@pytest.mark.parametrize('overrides,message', BAD_INPUT)
+def test_bad_input_is_refused_with_a_message_that_names_it(
+    digits_data_dir, tmp_path, overrides, message):
+  workdir = str(tmp_path / 'run')
+  result = trainlib.run_train(workdir, digits_data_dir, *overrides,
+                              check=False)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-3000:]
+  # Refused before any checkpoint; a NaN stops before saving one.
+  assert not glob.glob(os.path.join(workdir, 'checkpoints', '[0-9]*'))
+
+
+def test_missing_data_dir_is_named(tmp_path):
+  result = trainlib.run_train(
+      str(tmp_path / 'run'), str(tmp_path / 'no_tfds_here'),
+      '--config.dataset.name=mnist', check=False)
+  assert result.returncode != 0
+  assert 'not prepared in data_dir' in result.stderr
+  assert 'no_tfds_here' in result.stderr
+
+
+def test_pretrained_leaf_that_does_not_fit_is_named(digits_data_dir,
+                                                   tmp_path):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from train import models, weights  # pylint: disable=g-import-not-at-top
+  other = models.VisionTransformer(
+      **dict(models.get_model_kwargs('mu/4'), mlp_dim=48), num_classes=10,
+      image_size=32, rngs=nnx.Rngs(0))
+  path = str(tmp_path / 'other.npz')
+  weights.save_npz(other, path)
+  result = trainlib.run_train(str(tmp_path / 'run'), digits_data_dir,
+                              f'--config.pretrained.path={path}', check=False)
+  assert result.returncode != 0
+  assert ("'Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias' has shape"
+          " (48,) but our leaf 'blocks/0/mlp/fc1/bias' has shape (64,)"
+          in result.stderr), result.stderr[-3000:]
+
+
+def test_workdir_of_another_config_is_refused(digits_data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  trainlib.run_train(workdir, digits_data_dir)
+  before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  result = trainlib.run_train(workdir, digits_data_dir,
+                              '--config.optimizer.name=adamw', check=False)
+  assert result.returncode != 0
+  assert 'holds a run of a different config' in result.stderr
+  assert "['optimizer']" in result.stderr or 'optimizer' in result.stderr
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+
+
+def test_nonfinite_steps_skipped_when_the_config_asks(digits_data_dir,
+                                                      tmp_path):
+  workdir = str(tmp_path / 'run')
+  # An absurd learning rate makes the loss NaN after a step; with
+  # skip_nonfinite, optax.apply_if_finite drops every non-finite update and
+  # the run finishes instead of stopping.
+  result = trainlib.run_train(
+      workdir, digits_data_dir, '--config.optimizer.skip_nonfinite=True',
+      '--config.optimizer.learning_rate=1e38',
+      '--config.optimizer.warmup_steps=0',
+      '--config.optimizer.max_nonfinite=100',
+      '--config.optimizer.grad_clip_norm=0', check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  model, opt, rows = trainlib.final_state(workdir)
+  assert any(not np.isfinite(r['train/loss']) for r in rows
+             if 'train/loss' in r)
+  assert int(opt['opt_state']['total_notfinite']) > 0
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(model))
