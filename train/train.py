@@ -79,6 +79,8 @@ def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     kwargs['pool'] = config.model.pool
   if config.model.lora_alpha:
     kwargs['lora_alpha'] = config.model.lora_alpha
+  if config.model.dtype:  # Activations only: params stay float32.
+    kwargs['dtype'] = jnp.dtype(config.model.dtype)
   model = models.VisionTransformer(**kwargs, rngs=rngs)
   if config.pretrained.path:
     report = weights.load_pretrained(
