@@ -90,10 +90,8 @@ def l2sp(
     selected = selected_leaves(params)
     update_leaves, treedef = jax.tree.flatten(updates)
     param_leaves = jax.tree.leaves(params)
-    if zero_anchor:
-      anchor_leaves = [None] * len(param_leaves)
-    else:
-      anchor_leaves = jax.tree.leaves(state.anchor, is_leaf=_tree.is_masked_node)
+    anchor_leaves = _tree.anchor_leaves(state.anchor, zero_anchor,
+                                        len(param_leaves))
     out = []
     for g, p, a, sel in zip(update_leaves, param_leaves, anchor_leaves, selected):
       if not sel:

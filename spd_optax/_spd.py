@@ -179,10 +179,8 @@ def _anchored_projection(
     grad_leaves = jax.tree.leaves(grads)
     update_leaves, treedef = jax.tree.flatten(updates)
     param_leaves = jax.tree.leaves(params)
-    if zero_anchor:
-      anchor_leaves = [None] * len(param_leaves)
-    else:
-      anchor_leaves = jax.tree.leaves(state.anchor, is_leaf=_tree.is_masked_node)
+    anchor_leaves = _tree.anchor_leaves(state.anchor, zero_anchor,
+                                        len(param_leaves))
     old = [
         jax.tree.leaves(field, is_leaf=_tree.is_masked_node)
         for field in state.diagnostics

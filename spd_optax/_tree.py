@@ -212,3 +212,10 @@ def set_anchor_tree(old_anchor: Any, new_anchor: Any, what: str) -> Any:
       value = jax.device_put(value, sharding)
     out.append(value)
   return old_def.unflatten(out)
+
+
+def anchor_leaves(anchor: Any, zero_anchor: bool, num_leaves: int) -> list:
+  """The stored anchor's leaves (MaskedNode kept), or Nones for a zero anchor."""
+  if zero_anchor:
+    return [None] * num_leaves
+  return jax.tree.leaves(anchor, is_leaf=is_masked_node)

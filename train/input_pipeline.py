@@ -255,7 +255,7 @@ def train_batches(
       .seed(seed)
       .shuffle()  # A fresh permutation every epoch.
       .repeat(None)
-      .random_map(functools.partial(_train_example_rng, dataset=dataset))
+      .random_map(functools.partial(train_example, dataset=dataset))
       .batch(local)
   )
   # Local batch k of process p is elements [k*local, (k+1)*local), so global
@@ -266,10 +266,6 @@ def train_batches(
       process_index=pi))
   return iter(ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=4)))
-
-
-def _train_example_rng(example, rng, *, dataset):
-  return train_example(example, rng, dataset=dataset)
 
 
 def _mix_with_index(index, batch, *, dataset, seed, start_step,

@@ -94,20 +94,14 @@ def _bare(name: str) -> str:
   return name
 
 
-def _strip(src: dict, prefixes: Iterable[str]) -> dict:
-  res = {}
-  for k, v in src.items():
-    for p in prefixes:
-      if k.startswith(p):
-        k = k[len(p):]
-        break
-    res[k] = v
-  return res
+def _strip(src: dict) -> dict:
+  """Drops the wrapper prefixes (``vit.``, ``vision_model.``, ``params/``)."""
+  return {_bare(k): v for k, v in src.items()}
 
 
 def from_hf_vit(src: dict) -> dict:
   """``transformers`` ViT names -> ours; values are (array, source name)."""
-  src = _strip(src, ('vit.',))
+  src = _strip(src)
   out = {}
   e = 'embeddings.'
   out['cls'] = (src[e + 'cls_token'], e + 'cls_token')
@@ -135,7 +129,7 @@ def from_hf_vit(src: dict) -> dict:
 
 def from_hf_clip(src: dict) -> dict:
   """``transformers`` CLIP vision names -> ours (the text tower ignored)."""
-  src = _strip(src, ('vision_model.',))
+  src = _strip(src)
   out = {}
   e = 'embeddings.'
   cls = src[e + 'class_embedding']
@@ -173,8 +167,7 @@ _NPZ_BLOCK = (
 
 def from_npz(src: dict) -> dict:
   """Original ViT / big_vision ``.npz`` names -> ours."""
-  if any(k.startswith('params/') for k in src):
-    src = _strip(src, ('params/',))
+  src = _strip(src)
   # big_vision's scanned encoder: one leaf per kind with a leading layer axis.
   unrolled = {}
   for k, v in src.items():
