@@ -90,12 +90,19 @@ def make_optimizer(
         optax.adam(schedule, **adam_kwargs),
     )
   else:  # spd
-    tx = spd_optax.selective_projection_decay(
-        optax.chain(*clip, optax.adam(schedule, **adam_kwargs)),
-        opt.weight_decay,
-        anchor=anchor,
-        mask=mask,
-        anchor_dtype=anchor_dtype,
+    # Clipping rescales the gradient by a positive factor, which leaves SPD's
+    # test, the sign of <g, theta - theta0>, unchanged: it may come first,
+    # and SPD then wraps Adam alone (adamspd's leaf-by-leaf path).
+    tx = optax.chain(
+        *clip,
+        spd_optax.adamspd(
+            schedule,
+            weight_decay=opt.weight_decay,
+            anchor=anchor,
+            mask=mask,
+            anchor_dtype=anchor_dtype,
+            **adam_kwargs,
+        ),
     )
   if opt.skip_nonfinite:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_nonfinite)
