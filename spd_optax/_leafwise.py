@@ -117,8 +117,8 @@ def split_state(
 
   Raises:
     ValueError: if the state holds a non-scalar array outside the
-      params-shaped subtrees (a factored or masked optimizer), which cannot be
-      split by leaf.
+      params-shaped subtrees (e.g. ``optax.masked``'s), which cannot be split
+      by leaf.
   """
   params_def = jax.tree.structure(params)
   num_leaves = params_def.num_leaves

@@ -21,6 +21,8 @@ INNERS = {
     'sgd_momentum': lambda: optax.sgd(3e-2, momentum=0.9),
     'lion': lambda: optax.lion(3e-3),
     'rmsprop': lambda: optax.rmsprop(1e-2),
+    # Factored second moments are per leaf too ('w' is factored here).
+    'adafactor': lambda: optax.adafactor(1e-2, min_dim_size_to_factor=4),
 }
 
 
