@@ -75,7 +75,7 @@ def _layer_shape(leaf: Any, stacked: bool, path: str, what: str):
 
 
 def _project_leaf(grad, update, param, anchor, weight_decay, stacked, selective,
-                  step_size=None):
+                  step_size):
   r"""SPD for one leaf (or one stack of layers). See SPD.md for the math.
 
   With the deviations :math:`d_0 = \theta_{t-1} - \theta_0` and
@@ -86,23 +86,20 @@ def _project_leaf(grad, update, param, anchor, weight_decay, stacked, selective,
   cancellation of two nearly equal norms, and from reductions over ``d0`` and
   ``u`` alone (no ``d1`` is materialised).
 
-  With ``step_size`` the inner update is ``step_size * update`` (the learning
-  rate applied here rather than by the inner optimizer): the reductions then
-  run over ``update`` itself and are scaled after, so XLA materialises one
-  array per leaf for them and the final update.
+  The inner update is ``step_size * update``: 1 for a complete inner
+  optimizer, ``-lr`` when the learning rate is applied here rather than by
+  the inner optimizer (adamspd). The reductions run over ``update`` itself
+  and are scaled after, so XLA materialises one array per leaf for them and
+  for the final update.
 
   Reductions run in float32 (float64 when the params are), whatever the
   params' dtype; the returned update keeps the inner update's dtype.
   """
   dtype = jnp.promote_types(param.dtype, jnp.float32)
   raw = update.astype(dtype)
-  if step_size is None:
-    step_size = jnp.ones([], dtype)
-    u = raw
-  else:
-    update = _apply_step_size(update, step_size)
-    step_size = jnp.asarray(step_size).astype(dtype)
-    u = update.astype(dtype)
+  update = _apply_step_size(update, step_size)
+  step_size = step_size.astype(dtype)
+  u = update.astype(dtype)
   dev_prev = param.astype(dtype)
   if anchor is not None:
     dev_prev = dev_prev - anchor.astype(dtype)
@@ -157,7 +154,8 @@ def _anchored_projection(
   """Shared body of :func:`selective_projection_decay` and its ablation.
 
   ``learning_rate``, when given, scales the inner updates by ``-lr`` inside the
-  projection (``inner`` is then unscaled, e.g. ``optax.scale_by_adam``).
+  projection (``inner`` is then unscaled, e.g. ``optax.scale_by_adam``);
+  otherwise the scale is 1, which XLA folds away.
   """
   _check_weight_decay(weight_decay, what)
   _check_anchor_spec(anchor, what)
@@ -208,8 +206,9 @@ def _anchored_projection(
       raise ValueError(base.NO_PARAMS_MSG)
     grads = updates
     lam = jnp.asarray(_scalar_or_schedule(weight_decay, state.count))
-    step_size = None
-    if learning_rate is not None:
+    if learning_rate is None:
+      step_size = jnp.ones([], jnp.float32)
+    else:
       step_size = -jnp.asarray(_scalar_or_schedule(learning_rate, state.count))
     selected, stacked = selected_leaves(params)
     grad_leaves, treedef = jax.tree.flatten(grads)
@@ -240,18 +239,17 @@ def _anchored_projection(
         grad_leaves, param_leaves, anchor_leaves, selected, stacked,
     )):
       link = sequence and _leafwise.worth_chaining(p)
-      p = _leafwise.after(p, zero if link else None)
+      link_zero = zero if link else None
+      p = _leafwise.after(p, link_zero)
       if leafwise:
         leaf_state = _leafwise.chain_state(
-            leaf_states[i], split_def, per_leaf, zero if link else None)
+            leaf_states[i], split_def, per_leaf, link_zero)
         u, leaf_state = inner.update(g, leaf_state, p, **extra_args)
         new_leaf_states.append(leaf_state)
       else:
-        u = _leafwise.after(update_leaves[i], zero if link else None)
+        u = _leafwise.after(update_leaves[i], link_zero)
       if not sel:
-        if step_size is not None:
-          u = _apply_step_size(u, step_size)
-        new_updates.append(u)
+        new_updates.append(_apply_step_size(u, step_size))
         for out in (projected, ratio, deviation, num_projected):
           out.append(optax.MaskedNode())
         continue
