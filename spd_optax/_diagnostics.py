@@ -1,0 +1,102 @@
+"""What SPD did: per-leaf diagnostics and scalars ready to log."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from spd_optax._transform import ProjectionDiagnostics
+from spd_optax._transform import SPDState
+
+
+def _find_spd_states(opt_state) -> list[SPDState]:
+  return [
+      s
+      for s in jax.tree.leaves(
+          opt_state, is_leaf=lambda s: isinstance(s, SPDState)
+      )
+      if isinstance(s, SPDState)
+  ]
+
+
+def get_diagnostics(opt_state: optax.OptState) -> ProjectionDiagnostics:
+  """The per-leaf diagnostics of the (single) SPD state in ``opt_state``.
+
+  Args:
+    opt_state: an optimizer state containing one :class:`SPDState`.
+
+  Returns:
+    Its :class:`ProjectionDiagnostics`: trees with the params' structure.
+
+  Examples:
+    >>> import jax.numpy as jnp, spd_optax
+    >>> opt = spd_optax.adamspd(1e-3)
+    >>> state = opt.init({'w': jnp.zeros(3)})
+    >>> spd_optax.get_diagnostics(state).projected['w']
+    Array(False, dtype=bool)
+  """
+  states = _find_spd_states(opt_state)
+  if len(states) != 1:
+    raise ValueError(
+        f'get_diagnostics: expected one SPDState in the optimizer state,'
+        f' found {len(states)}.'
+    )
+  return states[0].diagnostics
+
+
+def projected_fraction(opt_state: optax.OptState) -> jax.Array:
+  """Fraction of the selected layers that SPD projected at the last step.
+
+  A stacked leaf counts each of its layers. Over all SPD states found.
+  """
+  fired = []
+  for s in _find_spd_states(opt_state):
+    fired += [jnp.ravel(x) for x in jax.tree.leaves(s.diagnostics.projected)]
+  if not fired:
+    raise ValueError('projected_fraction: the optimizer state holds no SPD.')
+  return jnp.mean(jnp.concatenate(fired).astype(jnp.float32))
+
+
+def diagnostics_summary(opt_state: optax.OptState) -> dict[str, jax.Array]:
+  """Scalars ready to log: projected fraction, fire rate, deviation norm.
+
+  Returns:
+    ``{'spd/projected_fraction', 'spd/fire_rate', 'spd/mean_ratio',
+    'spd/deviation_norm'}``: the fraction of layers projected at the last
+    step, the fraction of (layer, step) pairs projected since ``init``, the
+    mean :math:`r_t` over the projected layers at the last step, and the
+    global norm of :math:`\\theta_t - \\theta_0` over the selected leaves.
+
+  Examples:
+    >>> import jax.numpy as jnp, spd_optax
+    >>> opt = spd_optax.adamspd(1e-3)
+    >>> state = opt.init({'w': jnp.zeros(3)})
+    >>> sorted(spd_optax.diagnostics_summary(state))
+    ['spd/deviation_norm', 'spd/fire_rate', 'spd/mean_ratio', 'spd/projected_fraction']
+  """
+  states = _find_spd_states(opt_state)
+  if not states:
+    raise ValueError('diagnostics_summary: the optimizer state holds no SPD.')
+
+  def cat(field):
+    leaves = [
+        jnp.ravel(x) for s in states for x in jax.tree.leaves(field(s))
+    ]
+    return (jnp.concatenate(leaves) if leaves else jnp.zeros([0])).astype(
+        jnp.float32
+    )
+
+  projected = cat(lambda s: s.diagnostics.projected)
+  ratio = cat(lambda s: s.diagnostics.ratio)
+  steps = jnp.maximum(
+      sum(s.count for s in states) / len(states), 1
+  ).astype(jnp.float32)
+  num_fired = jnp.sum(projected)
+  return {
+      'spd/projected_fraction': jnp.mean(projected),
+      'spd/fire_rate': jnp.mean(cat(lambda s: s.diagnostics.num_projected))
+      / steps,
+      'spd/mean_ratio': jnp.sum(ratio * projected) / jnp.maximum(num_fired, 1),
+      'spd/deviation_norm': jnp.sqrt(
+          jnp.sum(jnp.square(cat(lambda s: s.diagnostics.deviation_norm)))
+      ),
+  }
