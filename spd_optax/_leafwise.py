@@ -97,6 +97,16 @@ def _is_subtree_like(params_def):
   return lambda x: jax.tree.structure(x) == params_def
 
 
+def _is_random_key(node: Any) -> bool:
+  """A typed key (``jax.random.key``) or a raw one (uint32, shape (2,))."""
+  dtype = getattr(node, 'dtype', None)
+  if dtype is None:
+    return False
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return True
+  return dtype == jnp.uint32 and jnp.shape(node) == (2,)
+
+
 def split_state(
     state: Any, params: Any, what: str
 ) -> tuple[list[Any], Any, list[bool]]:
@@ -116,7 +126,8 @@ def split_state(
     split state, and which of its leaves come from params-shaped subtrees.
 
   Raises:
-    ValueError: if the state holds a non-scalar array outside the
+    ValueError: if the state holds a random key (``optax.noisy_sgd``'s: every
+      leaf would draw the same noise) or a non-scalar array outside the
       params-shaped subtrees (e.g. ``optax.masked``'s), which cannot be split
       by leaf.
   """
@@ -129,6 +140,13 @@ def split_state(
   is_per_leaf = []
   for path, node in nodes_with_paths:
     per_leaf = is_subtree(node)
+    if not per_leaf and _is_random_key(node):
+      raise ValueError(
+          f'{what}(leafwise=True): the inner optimizer state holds a random'
+          f' key at {jax.tree_util.keystr(path)}, shared by the whole tree'
+          ' (e.g. optax.noisy_sgd, optax.add_noise): run one leaf at a time,'
+          ' every leaf would draw the same noise. Use leafwise=False.'
+      )
     if not per_leaf and jnp.ndim(node) > 0:
       raise ValueError(
           f'{what}(leafwise=True): the inner optimizer state holds an array'

@@ -77,8 +77,9 @@ def selective_projection_decay(
       global-norm clipping or L-BFGS): SPD then runs ``inner`` one leaf at a
       time, which on CPU keeps one leaf's temporaries alive instead of the
       whole model's (about 2x faster there). Same numbers either way, to
-      float32 rounding; a state that cannot be split by leaf is refused with
-      a ``ValueError``.
+      float32 rounding; a state that cannot be split by leaf (``optax.masked``)
+      or that holds a random key shared by the tree (``optax.noisy_sgd``) is
+      refused with a ``ValueError`` naming the state entry.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is :class:`SPDState`.

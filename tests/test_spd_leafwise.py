@@ -102,6 +102,23 @@ def test_leafwise_refuses_states_it_cannot_split():
     opt.update(params, state, params)
 
 
+@pytest.mark.parametrize('key', [0, jax.random.key(0)], ids=['int', 'key'])
+def test_leafwise_refuses_a_shared_random_key(key):
+  """optax.noisy_sgd keeps one key for the tree: split by leaf, every leaf
+  would draw the same noise. Refused, naming the state entry; the whole-tree
+  path still runs and draws different noise per leaf."""
+  params = {'a': jnp.ones(3), 'b': jnp.ones(3)}
+  opt = spd_optax.selective_projection_decay(
+      optax.noisy_sgd(0.1, key=key), 1.0, leafwise=True)
+  state = opt.init(params)
+  with pytest.raises(ValueError, match=r'leafwise=True.*\[0\]\.rng_key'):
+    opt.update(params, state, params)
+  whole = spd_optax.selective_projection_decay(
+      optax.noisy_sgd(0.1, key=key), 1.0)
+  updates, _ = whole.update(params, whole.init(params), params)
+  assert not np.allclose(updates['a'], updates['b'])
+
+
 def _compiled_temp_bytes(opt, params):
   state = opt.init(params)
 
