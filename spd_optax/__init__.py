@@ -11,6 +11,8 @@ from spd_optax._diagnostics import projected_fraction
 from spd_optax._l2sp import adaml2sp
 from spd_optax._l2sp import L2SPState
 from spd_optax._l2sp import l2sp
+from spd_optax._masks import exclude_paths
+from spd_optax._masks import KEY_BIAS_PATTERN
 from spd_optax._spd import projection_decay
 from spd_optax._spd import selective_projection_decay
 from spd_optax._transform import ProjectionDiagnostics
@@ -19,12 +21,14 @@ from spd_optax._transform import SPDState
 __version__ = "0.1.0"
 
 __all__ = (
+    "KEY_BIAS_PATTERN",
     "L2SPState",
     "ProjectionDiagnostics",
     "SPDState",
     "adaml2sp",
     "adamspd",
     "diagnostics_summary",
+    "exclude_paths",
     "get_diagnostics",
     "l2sp",
     "projected_fraction",

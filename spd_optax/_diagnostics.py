@@ -1,9 +1,12 @@
 """What SPD did: per-leaf diagnostics and scalars ready to log."""
 
+from typing import Any, Optional
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from spd_optax import _tree
 from spd_optax._transform import ProjectionDiagnostics
 from spd_optax._transform import SPDState
 
@@ -43,21 +46,64 @@ def get_diagnostics(opt_state: optax.OptState) -> ProjectionDiagnostics:
   return states[0].diagnostics
 
 
-def projected_fraction(opt_state: optax.OptState) -> jax.Array:
+def _counted_leaves(tree: Any, mask: Optional[_tree.LeafFlags]) -> list[Any]:
+  """The leaves of a diagnostics tree that SPD acts on and ``mask`` keeps.
+
+  ``mask`` has the params' forms: a pytree of bools (or a prefix), or a
+  callable of a tree with the params' structure (e.g.
+  :func:`spd_optax.exclude_paths`).
+  """
+  leaves = jax.tree.leaves(tree, is_leaf=_tree.is_masked_node)
+  if mask is None:
+    keep = [True] * len(leaves)
+  else:
+    like_params = jax.tree.map(
+        lambda x: jnp.zeros([]) if _tree.is_masked_node(x) else x,
+        tree, is_leaf=_tree.is_masked_node,
+    )
+    keep = _tree.resolve_flags(mask, like_params, 'mask')
+  return [x for x, k in zip(leaves, keep)
+          if k and not _tree.is_masked_node(x)]
+
+
+def projected_fraction(
+    opt_state: optax.OptState, mask: Optional[_tree.LeafFlags] = None
+) -> jax.Array:
   """Fraction of the selected layers that SPD projected at the last step.
 
   A stacked leaf counts each of its layers. Over all SPD states found.
+
+  Args:
+    opt_state: an optimizer state holding one or more :class:`SPDState`.
+    mask: the leaves to count (all that SPD acts on by default), in the forms
+      of SPD's ``mask``; e.g. ``spd_optax.exclude_paths(
+      spd_optax.KEY_BIAS_PATTERN)`` leaves out the attention key biases,
+      whose projection is a coin toss (their true gradient is zero).
+
+  Returns:
+    A float32 scalar in [0, 1].
   """
   fired = []
   for s in _find_spd_states(opt_state):
-    fired += [jnp.ravel(x) for x in jax.tree.leaves(s.diagnostics.projected)]
+    fired += [jnp.ravel(x)
+              for x in _counted_leaves(s.diagnostics.projected, mask)]
   if not fired:
-    raise ValueError('projected_fraction: the optimizer state holds no SPD.')
+    raise ValueError(
+        'projected_fraction: the optimizer state holds no SPD, or `mask`'
+        ' leaves out every leaf it acts on.'
+    )
   return jnp.mean(jnp.concatenate(fired).astype(jnp.float32))
 
 
-def diagnostics_summary(opt_state: optax.OptState) -> dict[str, jax.Array]:
+def diagnostics_summary(
+    opt_state: optax.OptState, mask: Optional[_tree.LeafFlags] = None
+) -> dict[str, jax.Array]:
   """Scalars ready to log: projected fraction, fire rate, deviation norm.
+
+  Args:
+    opt_state: an optimizer state holding one or more :class:`SPDState`.
+    mask: the leaves to count (all that SPD acts on by default), as in
+      :func:`projected_fraction`.
 
   Returns:
     ``{'spd/projected_fraction', 'spd/fire_rate', 'spd/mean_ratio',
@@ -79,7 +125,7 @@ def diagnostics_summary(opt_state: optax.OptState) -> dict[str, jax.Array]:
 
   def cat(field):
     leaves = [
-        jnp.ravel(x) for s in states for x in jax.tree.leaves(field(s))
+        jnp.ravel(x) for s in states for x in _counted_leaves(field(s), mask)
     ]
     return (jnp.concatenate(leaves) if leaves else jnp.zeros([0])).astype(
         jnp.float32

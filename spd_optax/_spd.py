@@ -58,6 +58,15 @@ def selective_projection_decay(
   on the pre-trained weights, or reset it later with
   :func:`spd_optax.set_anchor` after loading them.
 
+  Leaves with an exactly zero true gradient get a coin toss: the attention
+  *key bias* is one (softmax ignores a shift of the scores that is the same
+  for every key), so the inner optimizer moves it by rounding noise and
+  :math:`c_t` has that noise's sign. It then counts in the projected fraction
+  and fire rate at random. ``mask=spd_optax.exclude_paths(
+  spd_optax.KEY_BIAS_PATTERN)`` leaves such leaves out of SPD, and the same
+  ``mask=`` on :func:`spd_optax.diagnostics_summary` leaves them out of the
+  diagnostics only.
+
   Args:
     inner: the optimizer to wrap, e.g. ``optax.adam(1e-4)``.
     weight_decay: :math:`\lambda \ge 0`, a float or a schedule of the step.
