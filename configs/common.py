@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.lora_rank = 0  # > 0: LoRA adapters, only they (and the head) train.
   config.model.lora_alpha = 0.0  # LoRA scale numerator; 0 = the rank.
   config.model.dtype = ''  # Activations, e.g. 'bfloat16' on GPU/TPU; '' = f32.
+  config.model.param_dtype = 'float32'  # 'float64' needs JAX_ENABLE_X64=1.
 
   config.pretrained = ml_collections.ConfigDict()
   config.pretrained.path = ''  # HF folder / .safetensors / .npz; '' = random init.

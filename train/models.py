@@ -15,6 +15,10 @@ gets a LoRA adapter, :math:`W x + \frac{\alpha}{r} B A x` with :math:`B = 0`
 at init, whose factors are ``nnx.LoRAParam`` so that an optimizer built with
 ``wrt=nnx.LoRAParam`` trains only them.
 
+Params are float32 by default; ``param_dtype=jnp.float64`` (with
+``jax_enable_x64``) builds the whole model in float64, attention's softmax
+included, for checks against float64 references.
+
 Kernels carry ``nnx.with_partitioning`` metadata over the ``'fsdp'`` mesh axis
 (their input dimension); everything else is replicated. Parameter names follow
 big_vision's, so that ``train.weights`` maps published checkpoints onto them:
@@ -109,16 +113,18 @@ class Dense(nnx.Linear):
   """``nnx.Linear`` with an optional LoRA adapter, scaled by alpha / rank."""
 
   def __init__(self, in_features: int, out_features: int, *, lora_rank: int,
-               lora_alpha: float, dtype, rngs: nnx.Rngs, use_bias=True):
+               lora_alpha: float, dtype, param_dtype, rngs: nnx.Rngs,
+               use_bias=True):
     super().__init__(
         in_features, out_features, use_bias=use_bias, dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=_sharded(nnx.initializers.xavier_uniform(),
                              ('fsdp', None)),
         rngs=rngs,
     )
     if lora_rank > 0:
       self.lora = nnx.LoRA(in_features, lora_rank, out_features, dtype=dtype,
-                           rngs=rngs)
+                           param_dtype=param_dtype, rngs=rngs)
       self.lora_scale = (lora_alpha or lora_rank) / lora_rank
     else:
       self.lora = None
@@ -146,9 +152,23 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, tokens, width = x.shape
     heads = lambda y: y.reshape(batch, tokens, self.num_heads, -1)
-    y = jax.nn.dot_product_attention(
+    y = dot_product_attention(
         heads(self.query(x)), heads(self.key(x)), heads(self.value(x)))
     return self.out(y.reshape(batch, tokens, width))
+
+
+def dot_product_attention(query, key, value):
+  """``jax.nn.dot_product_attention``, in full precision for float64.
+
+  JAX's computes the softmax in float32 whatever the inputs' dtype; a float64
+  model (a check against a float64 reference) needs it in float64.
+  """
+  if query.dtype != jnp.float64:
+    return jax.nn.dot_product_attention(query, key, value)
+  logits = jnp.einsum('btnh,bsnh->bnts', query, key) / jnp.sqrt(
+      query.shape[-1])
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum('bnts,bsnh->btnh', probs, value)
 
 
 class Mlp(nnx.Module):
@@ -174,9 +194,11 @@ class Block(nnx.Module):
 
   def __init__(self, width, mlp_dim, num_heads, *, activation, eps,
                drop_path_rate, dense_kwargs, rngs):
-    self.norm1 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
+    norm_kwargs = dict(epsilon=eps, param_dtype=dense_kwargs['param_dtype'],
+                       rngs=rngs)
+    self.norm1 = nnx.LayerNorm(width, **norm_kwargs)
     self.attn = Attention(width, num_heads, dense_kwargs=dense_kwargs)
-    self.norm2 = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(width, **norm_kwargs)
     self.mlp = Mlp(width, mlp_dim, activation, dense_kwargs=dense_kwargs)
     self.drop_path_rate = drop_path_rate
 
@@ -203,7 +225,9 @@ class VisionTransformer(nnx.Module):
     lora_rank, lora_alpha: LoRA adapters on every attention and MLP
       projection when the rank is > 0.
     layer_norm_eps: defaults to 1e-6 (ViT) or 1e-5 (CLIP).
-    dtype: computation dtype (e.g. ``jnp.bfloat16``); params stay float32.
+    dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` = the params'.
+    param_dtype: dtype of every param: float32 (default) or, with
+      ``jax_enable_x64``, float64.
     rngs: initialisation randomness.
   """
 
@@ -213,7 +237,7 @@ class VisionTransformer(nnx.Module):
                pool: str = 'cls', drop_path_rate: float = 0.0,
                lora_rank: int = 0, lora_alpha: float = 0.0,
                layer_norm_eps: Optional[float] = None, dtype=None,
-               rngs: nnx.Rngs):
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if variant not in ('vit', 'clip'):
       raise ValueError(f"variant={variant!r}: expected 'vit' or 'clip'.")
     if pool not in ('cls', 'mean'):
@@ -221,6 +245,12 @@ class VisionTransformer(nnx.Module):
     if image_size % patch_size:
       raise ValueError(f'image_size {image_size} is not a multiple of'
                        f' patch_size {patch_size}.')
+    param_dtype = jnp.dtype(param_dtype)
+    if param_dtype == jnp.float64 and not jax.config.jax_enable_x64:
+      raise ValueError(
+          'param_dtype=float64 (config.model.param_dtype) needs 64-bit JAX:'
+          " jax.config.update('jax_enable_x64', True) or JAX_ENABLE_X64=1."
+      )
     clip = variant == 'clip'
     eps = layer_norm_eps or (1e-5 if clip else 1e-6)
     self.variant, self.pool, self.patch_size = variant, pool, patch_size
@@ -228,21 +258,23 @@ class VisionTransformer(nnx.Module):
     self.embedding = nnx.Conv(
         3, width, (patch_size, patch_size), strides=patch_size,
         padding='VALID', use_bias=not clip, dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=_sharded(nnx.initializers.lecun_normal(),
                              (None, None, None, 'fsdp')),
         rngs=rngs)
     num_tokens = (image_size // patch_size) ** 2
     if pool == 'cls':
-      self.cls = nnx.Param(jnp.zeros((1, 1, width)))
+      self.cls = nnx.Param(jnp.zeros((1, 1, width), param_dtype))
       num_tokens += 1
     else:
       self.cls = None
     self.pos_embedding = nnx.Param(
-        0.02 * jax.random.normal(rngs.params(), (1, num_tokens, width)))
-    self.pre_norm = (nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
-                     if clip else None)
+        0.02 * jax.random.normal(rngs.params(), (1, num_tokens, width),
+                                 param_dtype))
+    norm_kwargs = dict(epsilon=eps, param_dtype=param_dtype, rngs=rngs)
+    self.pre_norm = nnx.LayerNorm(width, **norm_kwargs) if clip else None
     dense_kwargs = dict(lora_rank=lora_rank, lora_alpha=lora_alpha,
-                        dtype=dtype, rngs=rngs)
+                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     activation = quick_gelu if clip else (
         lambda x: jax.nn.gelu(x, approximate=False))
     self.blocks = nnx.List([
@@ -251,17 +283,18 @@ class VisionTransformer(nnx.Module):
               rngs=rngs)
         for _ in range(depth)
     ])
-    self.encoder_norm = nnx.LayerNorm(width, epsilon=eps, rngs=rngs)
+    self.encoder_norm = nnx.LayerNorm(width, **norm_kwargs)
     feature_dim = width
     if projection_dim:
       self.projection = nnx.Linear(
           width, projection_dim, use_bias=False, dtype=dtype,
-          kernel_init=_sharded(nnx.initializers.lecun_normal(),
+          param_dtype=param_dtype, kernel_init=_sharded(nnx.initializers.lecun_normal(),
                                ('fsdp', None)), rngs=rngs)
       feature_dim = projection_dim
     else:
       self.projection = None
     self.head = (nnx.Linear(feature_dim, num_classes, dtype=dtype,
+                            param_dtype=param_dtype,
                             kernel_init=nnx.initializers.zeros, rngs=rngs)
                  if num_classes else None)
 

@@ -79,8 +79,9 @@ def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     kwargs['pool'] = config.model.pool
   if config.model.lora_alpha:
     kwargs['lora_alpha'] = config.model.lora_alpha
-  if config.model.dtype:  # Activations only: params stay float32.
+  if config.model.dtype:  # Activations only: params keep param_dtype.
     kwargs['dtype'] = jnp.dtype(config.model.dtype)
+  kwargs['param_dtype'] = jnp.dtype(config.model.param_dtype)
   model = models.VisionTransformer(**kwargs, rngs=rngs)
   if config.pretrained.path:
     report = weights.load_pretrained(
