@@ -59,7 +59,7 @@ def exclude_paths(*patterns: str) -> Callable[[optax.Params], Any]:
 
   Args:
     *patterns: regular expressions, e.g. :data:`KEY_BIAS_PATTERN` or
-      ``r'^head/'``.
+      ``r'^head'``.
 
   Returns:
     A function of the params returning a pytree of bools with their
@@ -70,7 +70,7 @@ def exclude_paths(*patterns: str) -> Callable[[optax.Params], Any]:
     >>> params = {'attn': {'key': {'bias': jnp.zeros(4), 'kernel': jnp.ones((4, 4))},
     ...                    'query': {'bias': jnp.zeros(4)}},
     ...           'head': {'kernel': jnp.ones((4, 2))}}
-    >>> mask = spd_optax.exclude_paths(spd_optax.KEY_BIAS_PATTERN, r'^head/')
+    >>> mask = spd_optax.exclude_paths(spd_optax.KEY_BIAS_PATTERN, r'^head')
     >>> mask(params)
     {'attn': {'key': {'bias': False, 'kernel': True}, 'query': {'bias': True}}, 'head': {'kernel': False}}
     >>> opt = spd_optax.adamspd(1e-3, mask=mask)  # No SPD on key biases or the head.
