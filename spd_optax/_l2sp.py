@@ -11,7 +11,13 @@ from spd_optax import _tree
 
 
 class L2SPState(NamedTuple):
-  """State of :func:`l2sp`."""
+  r"""State of :func:`l2sp`.
+
+  Attributes:
+    count: int32 scalar, the number of updates so far (schedules read it).
+    anchor: :math:`\theta_0` per selected leaf, ``optax.MaskedNode``
+      elsewhere; ``optax.EmptyState()`` for ``anchor='zeros'``.
+  """
 
   count: jax.Array  # shape=(), dtype=jnp.int32.
   # The anchor per selected leaf, MaskedNode elsewhere; EmptyState for zeros.

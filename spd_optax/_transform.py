@@ -22,11 +22,21 @@ AnchorSpec = Union[str, optax.Params]
 
 
 class ProjectionDiagnostics(NamedTuple):
-  """What the projection did at the last step, per selected leaf.
+  r"""What the projection did at the last step, per selected leaf.
 
   Each field is a tree with the structure of the params; leaves that the
   transformation does not act on hold ``optax.MaskedNode``. A leaf stacked
   along a leading layer axis (``stacked_layers``) holds one value per layer.
+
+  Attributes:
+    projected: bool, shape ``()`` or ``(num_layers,)``: whether the leaf was
+      projected at the last step (:math:`c_t < 0`).
+    ratio: float32, same shape: :math:`r_t \in [0, 1]`, applied only where
+      projected.
+    deviation_norm: float32, same shape: :math:`\|\theta_t - \theta_0\|`
+      after the step.
+    num_projected: int32, same shape: the steps on which the leaf was
+      projected since ``init``.
   """
 
   projected: Any  # bool, shape () or (num_layers,): projected this step.
@@ -36,7 +46,16 @@ class ProjectionDiagnostics(NamedTuple):
 
 
 class SPDState(NamedTuple):
-  """State of :func:`selective_projection_decay`."""
+  r"""State of :func:`selective_projection_decay` (and its variants).
+
+  Attributes:
+    count: int32 scalar, the number of updates so far (schedules read it).
+    inner_state: the wrapped optimizer's state.
+    anchor: :math:`\theta_0` per selected leaf (in ``anchor_dtype``),
+      ``optax.MaskedNode`` elsewhere; ``optax.EmptyState()`` for
+      ``anchor='zeros'``, which stores nothing.
+    diagnostics: :class:`ProjectionDiagnostics` of the last step.
+  """
 
   count: jax.Array  # shape=(), dtype=jnp.int32.
   inner_state: optax.OptState  # The wrapped optimizer's state.
