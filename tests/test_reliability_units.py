@@ -50,12 +50,14 @@ def test_a_flipped_bit_in_array_data_is_detected_and_set_aside(tmp_path,
   older, newer = ({'w': jnp.asarray(rng.integers(-2**31, 2**31, 4096,
                                                  dtype=np.int32))}
                   for _ in range(2))
-  with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
-    ckpt.save(3, older, older, {'step': 3})
-    ckpt.save(6, newer, newer, {'step': 6})
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  ckpt.save(3, older, older, {'step': 3})
+  ckpt.save(6, newer, newer, {'step': 6})
+  ckpt.close()
   _flip_one_bit_inside(str(tmp_path / '6' / 'model'), np.asarray(newer['w']))
-  with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
-    step, model, _, meta = ckpt.restore_latest(newer, newer)
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  step, model, _, meta = ckpt.restore_latest(newer, newer)
+  ckpt.close()
   assert (step, meta) == (3, {'step': 3})
   np.testing.assert_array_equal(model['w'], older['w'])
   assert "do not match the checksums saved with them" in caplog.text
@@ -67,11 +69,12 @@ def test_a_flipped_bit_in_array_data_is_detected_and_set_aside(tmp_path,
 def test_no_checkpoint_is_written_with_a_nonfinite_leaf(tmp_path):
   good = {'w': jnp.ones(3)}
   bad = {'mu': {'w': jnp.array([0.0, jnp.inf, 1.0])}, 'count': jnp.int32(2)}
-  with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
-    with pytest.raises(FloatingPointError,
-                       match=r"\['optimizer'\]\['mu'\]\['w'\]"):
-      ckpt.save(3, good, bad, {'step': 3})
-    assert ckpt.all_steps() == []
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  with pytest.raises(FloatingPointError,
+                     match=r"\['optimizer'\]\['mu'\]\['w'\]"):
+    ckpt.save(3, good, bad, {'step': 3})
+  assert ckpt.all_steps() == []
+  ckpt.close()
   assert not glob.glob(str(tmp_path / '3*'))
 
 

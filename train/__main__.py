@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from train import metrics
+from train import preemption
 from train import train
 
 FLAGS = flags.FLAGS
@@ -35,6 +36,8 @@ def main(argv):
                jax.process_count(), jax.local_device_count())
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except preemption.Preempted as e:  # Saved: a clean stop.
+    logging.warning('%s', e)
   except Exception as e:  # pylint: disable=broad-except
     full = _disk_full(e)
     if full is None:

@@ -3,7 +3,8 @@
 Preemptible TPU and GPU VMs and SLURM send SIGTERM some seconds before they
 kill a job; a user types Ctrl-C (SIGINT). Either one sets a flag that the
 training loop reads once per step (``reached(step)``); the loop then saves
-that step, flushes its metrics and returns, and the same command resumes.
+that step, flushes its metrics and raises ``Preempted`` (which the command
+line turns into exit status 0), and the same command resumes.
 
 On a multi-host run every process must save the same step. JAX's preemption
 service (started by ``jax.distributed.initialize``) catches SIGTERM on any
@@ -20,6 +21,10 @@ from typing import Optional
 
 import jax
 from jax.experimental import multihost_utils
+
+
+class Preempted(Exception):
+  """The run saved its step and stopped on a signal; the same call resumes."""
 
 
 class Preemption:

@@ -230,7 +230,8 @@ def train_and_evaluate(
   """Trains, evaluates and checkpoints; returns the final eval metrics.
 
   Refuses a nonsensical config before any work, and a workdir that another
-  run holds; SIGTERM / SIGINT save the current step and return.
+  run holds. SIGTERM / SIGINT save the current step, then raise
+  ``train.preemption.Preempted`` (the command line exits 0).
   """
   config_checks.check(config, num_devices=jax.device_count())
   workdir = os.path.abspath(workdir)
@@ -332,10 +333,9 @@ def _train_and_evaluate(config, workdir, preemption, cleanup, print_summary):
   if stop:
     ckpt.wait()
     writer.close()
-    logging.warning('Stopped by %s after step %d, saved in %s; run the same'
-                    ' command to resume.', preemption.signal_name, step,
-                    workdir)
-    return eval_results
+    raise preemption_lib.Preempted(
+        f'Stopped by {preemption.signal_name} after step {step}, saved in'
+        f' {workdir}; run the same command to resume.')
   if last_step < config.num_train_steps:
     logging.info('Stopped after step %d (config.max_steps_per_run); run the'
                  ' same command to continue.', last_step)
