@@ -222,7 +222,8 @@ def test_an_eval_crash_loses_no_training(digits_data_dir, tmp_path,
   from train import train  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.dataset.data_dir = digits_data_dir
-  config.num_train_steps = 3  # Logged at 2 and 3; saved, then evaluated, at 3.
+  config.num_train_steps = 3  # Logged at 2 and 3, saved at 3.
+  config.eval_every_steps = 2  # Evaluated at 2 (the crash) and 3.
   workdir = str(tmp_path / 'run')
 
   def crash(*args):
@@ -233,12 +234,12 @@ def test_an_eval_crash_loses_no_training(digits_data_dir, tmp_path,
     with pytest.raises(RuntimeError, match='eval crashed'):
       train.train_and_evaluate(config, workdir, print_summary=False)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  assert checkpoints.Checkpointer(ckpt_dir).all_steps() == [3]  # Saved.
+  assert checkpoints.Checkpointer(ckpt_dir).all_steps() == [2]  # Saved.
   train.train_and_evaluate(config, workdir, print_summary=False)
   rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
-  # Step 3's evaluation, lost to the crash, is done when the run resumes.
+  # Step 2's evaluation, lost to the crash, is done when the run resumes.
   assert [(r['step'], 'eval/id_accuracy' in r) for r in rows] == [
-      (2, False), (3, False), (3, True)]
+      (2, False), (2, True), (3, False), (3, True)]
 
 
 def test_disk_full_is_found_behind_tensorstores_wrapping():

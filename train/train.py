@@ -298,6 +298,11 @@ def _train_and_evaluate(config, workdir, preemption, cleanup, print_summary):
   if config.max_steps_per_run > 0:
     last_step = min(last_step, start_step + config.max_steps_per_run)
   stop = False
+
+  def save(step):
+    ckpt.save(step, nnx.as_pure(nnx.state(model)),
+              nnx.as_pure(nnx.state(optimizer)), {'step': step})
+
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, last_step + 1):
       batch = shard_batch(next(train_iter), mesh)
@@ -320,14 +325,18 @@ def _train_and_evaluate(config, workdir, preemption, cleanup, print_summary):
         progress.set_postfix(loss=f'{out["train/loss"]:.3f}',
                              img_s=f'{out["train/images_per_second"]:.0f}')
         window_start, window_images = time.perf_counter(), 0
-      if is_checkpoint_step:  # Before evaluating: an eval crash loses nothing.
-        ckpt.save(step, nnx.as_pure(nnx.state(model)),
-                  nnx.as_pure(nnx.state(optimizer)), {'step': step})
+      if is_checkpoint_step:  # Before evaluating.
+        save(step)
       progress.update(1)
       if stop:  # Evaluated when the run resumes.
         break
       if _is_eval_step(step, config):
-        eval_results = evaluate(model, config, mesh)
+        try:
+          eval_results = evaluate(model, config, mesh)
+        except Exception:
+          if not is_checkpoint_step:
+            save(step)  # An eval crash loses no training: resume evaluates.
+          raise
         writer.write(step, eval_results)
   progress.close()
   if stop:
