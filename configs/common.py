@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 1000  # Also at the end.
   config.checkpoint_every_steps = 1000  # Also at the end.
   config.keep_checkpoints = 3
+  config.async_checkpointing = True  # Orbax writes while training goes on.
   config.max_steps_per_run = 0  # > 0: save and exit after this many steps
   # (for time-limited jobs); the same command then resumes. 0 = no limit.
   config.progress_bar = True

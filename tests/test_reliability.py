@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from train import checkpoints
+from train import metrics
+from train import workdir_lock
 from tests import trainlib
 
 # Slow enough steps (an evaluation each) to be killed in the middle.
@@ -38,14 +40,33 @@ def _wait_for_step(workdir, step, proc, timeout=300):
   raise TimeoutError(f'step {step} never logged')
 
 
-def test_sigkill_then_same_command_resumes_exactly(digits_data_dir,
-                                                  tmp_path):
-  whole, killed = str(tmp_path / 'whole'), str(tmp_path / 'killed')
+@pytest.fixture(scope='module')
+def long_run(digits_data_dir, tmp_path_factory):
+  """An uninterrupted run of LONG, shared by the interrupted ones."""
+  whole = str(tmp_path_factory.mktemp('long') / 'whole')
   trainlib.run_train(whole, digits_data_dir, *LONG)
-  proc = subprocess.Popen(
-      trainlib.train_command(killed, digits_data_dir, *LONG),
+  return whole
+
+
+@pytest.fixture(scope='module')
+def tiny_run(digits_data_dir, tmp_path_factory):
+  """An uninterrupted run of the tiny config on one device."""
+  whole = str(tmp_path_factory.mktemp('tiny') / 'whole')
+  trainlib.run_train(whole, digits_data_dir)
+  return whole
+
+
+def _start(workdir, data_dir, *overrides):
+  return subprocess.Popen(
+      trainlib.train_command(workdir, data_dir, *overrides),
       env=trainlib.env_with_devices(1), cwd=trainlib.REPO,
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_same_command_resumes_exactly(digits_data_dir, long_run,
+                                                  tmp_path):
+  whole, killed = long_run, str(tmp_path / 'killed')
+  proc = _start(killed, digits_data_dir, *LONG)
   _wait_for_step(killed, 5, proc)  # Past the step-3 checkpoint, before 6.
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -53,6 +74,8 @@ def test_sigkill_then_same_command_resumes_exactly(digits_data_dir,
       os.path.join(killed, 'checkpoints')).all_steps())[-1] in (3, 6)
   result = trainlib.run_train(killed, digits_data_dir, *LONG)
   assert 'Resumed from step' in result.stderr
+  # The killed run's lock is recognised as stale and taken over.
+  assert 'Took over the lock of a run that is no longer alive' in result.stderr
   model_a, opt_a, rows_a = trainlib.final_state(whole)
   model_b, opt_b, rows_b = trainlib.final_state(killed)
   trainlib.assert_trees_equal(model_a, model_b)
@@ -69,10 +92,69 @@ def _truncate_largest_file(step_dir):
   return victim
 
 
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_saves_the_step_and_resumes_exactly(
+    digits_data_dir, long_run, tmp_path, sig):
+  stopped = str(tmp_path / 'stopped')
+  proc = _start(stopped, digits_data_dir, *LONG)
+  _wait_for_step(stopped, 4, proc)  # After the step-3 checkpoint.
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-4000:]
+  assert 'Traceback' not in err
+  assert f'Stopped by {sig.name} after step' in err
+  saved = checkpoints.Checkpointer(
+      os.path.join(stopped, 'checkpoints')).all_steps()
+  rows = metrics.read_jsonl(os.path.join(stopped, 'metrics.jsonl'))
+  assert saved[-1] >= 4 and saved[-1] == rows[-1]['step']  # Nothing lost.
+  if sig == signal.SIGINT:
+    return  # The same path as SIGTERM from here on.
+  result = trainlib.run_train(stopped, digits_data_dir, *LONG)
+  assert f'Resumed from step {saved[-1]}' in result.stderr
+  model_a, opt_a, rows_a = trainlib.final_state(long_run)
+  model_b, opt_b, rows_b = trainlib.final_state(stopped)
+  trainlib.assert_trees_equal(model_a, model_b)
+  trainlib.assert_trees_equal(opt_a, opt_b)
+  trainlib.assert_rows_equal(rows_a, rows_b)
+
+
+def test_the_same_command_twice_is_refused_naming_the_holder(
+    digits_data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  with workdir_lock.WorkdirLock(workdir):  # As a live run holds it.
+    result = trainlib.run_train(workdir, digits_data_dir, check=False)
+  assert result.returncode != 0
+  assert (f'is in use by another run: host {socket.gethostname()}, pid'
+          f' {os.getpid()}, since ') in result.stderr, result.stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+
+def _assert_same_run_to_float_noise(workdir_1, workdir_2):
+  """Final states equal but for the sums' order; returns both runs' rows."""
+  model_1, opt_1, rows_1 = trainlib.final_state(workdir_1)
+  model_2, opt_2, rows_2 = trainlib.final_state(workdir_2)
+  key_bias = "['key']['bias']"  # Zero gradient: rounding noise (test_train).
+  trainlib.assert_trees_equal(model_1, model_2, rtol=1e-5, atol=1e-6,
+                              skip=key_bias)
+  trainlib.assert_trees_equal(opt_1, opt_2, rtol=1e-4, atol=1e-6,
+                              skip=key_bias)
+  assert [r['step'] for r in rows_1] == [r['step'] for r in rows_2]
+  return rows_1, rows_2
+
+
+def test_mesh_changes_on_resume_8_devices_to_1_and_back(digits_data_dir,
+                                                        tiny_run, tmp_path):
+  workdir = str(tmp_path / 'moved')
+  for num_devices, fsdp in ((8, 2), (1, 1), (8, 2)):  # Steps 1-2, 3-4, 5-6.
+    trainlib.run_train(workdir, digits_data_dir, f'--config.mesh.fsdp={fsdp}',
+                       '--config.max_steps_per_run=2',
+                       num_devices=num_devices)
+  _assert_same_run_to_float_noise(tiny_run, workdir)
+
+
 def test_damaged_newest_checkpoint_falls_back_and_is_kept(digits_data_dir,
-                                                          tmp_path):
-  whole, damaged = str(tmp_path / 'whole'), str(tmp_path / 'damaged')
-  trainlib.run_train(whole, digits_data_dir)
+                                                          tiny_run, tmp_path):
+  whole, damaged = tiny_run, str(tmp_path / 'damaged')
   trainlib.run_train(damaged, digits_data_dir)  # Checkpoints 3 and 6.
   ckpt_dir = os.path.join(damaged, 'checkpoints')
   _truncate_largest_file(os.path.join(ckpt_dir, '6'))
@@ -128,14 +210,7 @@ def test_two_processes_of_four_devices_match_one_of_eight(digits_data_dir,
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-6000:]
   assert 'JAX process 1/2, 4 local devices' in err
-  model_1, opt_1, rows_1 = trainlib.final_state(single)
-  model_2, opt_2, rows_2 = trainlib.final_state(multi)
-  key_bias = "['key']['bias']"  # Zero gradient: rounding noise (test_train).
-  trainlib.assert_trees_equal(model_1, model_2, rtol=1e-5, atol=1e-6,
-                              skip=key_bias)
-  trainlib.assert_trees_equal(opt_1, opt_2, rtol=1e-4, atol=1e-6,
-                              skip=key_bias)
-  assert [r['step'] for r in rows_1] == [r['step'] for r in rows_2]
+  rows_1, rows_2 = _assert_same_run_to_float_noise(single, multi)
   for a, b in zip(rows_1, rows_2):
     for k in a:
       if 'loss' in k or 'accuracy' in k:
@@ -153,6 +228,15 @@ BAD_INPUT = [
     (('--config.pretrained.path=/nonexistent/vit.npz',), '/nonexistent/vit.npz'),
     (('--config.optimizer.learning_rate=1e30',
       '--config.optimizer.warmup_steps=0'), 'set config.optimizer.skip_nonfinite=True'),
+    # Checked before any work, naming the key and the allowed range.
+    (('--config.optimizer.learning_rate=-0.001',),
+     'config.optimizer.learning_rate=-0.001: must be >= 0'),
+    # apply_if_finite gives up after max_nonfinite bad steps: the NaN update
+    # is applied, and the save refuses it whatever skip_nonfinite says.
+    (('--config.optimizer.skip_nonfinite=True',
+      '--config.optimizer.learning_rate=1e38',
+      '--config.optimizer.warmup_steps=0', '--config.optimizer.max_nonfinite=0',
+      '--config.optimizer.grad_clip_norm=0'), 'Not saving step 3'),
 ]
 
 
@@ -224,3 +308,29 @@ def test_nonfinite_steps_skipped_when_the_config_asks(digits_data_dir,
              if 'train/loss' in r)
   assert int(opt['opt_state']['total_notfinite']) > 0
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(model))
+
+
+def test_a_full_disk_ends_in_one_line_naming_the_path(digits_data_dir,
+                                                      tmp_path):
+  full = tmp_path / 'small_disk'
+  full.mkdir()
+  # A 1.5 MB file system fills up during the second save (root only).
+  if os.geteuid() != 0 or subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', 'size=1500k', 'tmpfs', str(full)],
+      capture_output=True, check=False).returncode:
+    pytest.skip('needs root to mount a small tmpfs')
+  try:
+    result = trainlib.run_train(str(full / 'run'), digits_data_dir,
+                                check=False)
+  finally:
+    subprocess.run(['umount', str(full)], check=False)
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('No space left on device while writing '
+                         f'{full}/run/checkpoints/'), last
+  # No traceback through our code, and Orbax's threads log one line each.
+  # (TensorStore callbacks that outlive Orbax's event loop may still print
+  # a few 5-line "Event loop is closed" tracebacks, depending on timing.)
+  assert 'train_and_evaluate' not in result.stderr
+  assert 'RESOURCE_EXHAUSTED' in result.stderr
+  assert len(result.stderr.splitlines()) < 80, result.stderr

@@ -5,7 +5,10 @@ Override any config field on the command line, e.g.
 again with the same workdir resumes from its newest checkpoint.
 """
 
+import errno
 import os
+import re
+import sys
 
 from absl import app
 from absl import flags
@@ -14,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from train import metrics
+from train import preemption
 from train import train
 
 FLAGS = flags.FLAGS
@@ -30,7 +34,33 @@ def main(argv):
   _initialize_distributed()  # Before anything touches a JAX backend.
   logging.info('JAX process %d/%d, %d local devices', jax.process_index(),
                jax.process_count(), jax.local_device_count())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except preemption.Preempted as e:  # Saved: a clean stop.
+    logging.warning('%s', e)
+  except Exception as e:  # pylint: disable=broad-except
+    full = _disk_full(e)
+    if full is None:
+      raise
+    # One line, not Orbax's and asyncio's pages of tracebacks.
+    sys.exit(f'No space left on device while writing'
+             f' {full.filename or FLAGS.workdir}; every checkpoint already'
+             ' saved is intact. Free space and run the same command to'
+             ' resume.')
+
+
+def _disk_full(e: BaseException):
+  """The ENOSPC ``OSError`` behind ``e`` (its causes included), or None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return e
+    if 'No space left on device' in str(e):  # Wrapped by TensorStore.
+      path = re.search(r'Failed writing: "([^"]+)"', str(e))
+      return OSError(errno.ENOSPC, str(e), path and path.group(1))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def _initialize_distributed() -> None:

@@ -8,9 +8,15 @@ written) is reported by name and the previous one is used instead; the
 damaged one is moved aside (``damaged_step_<N>_<time>``), never deleted. A
 failed save leaves only a temporary directory that no restore reads, and an
 existing step is never overwritten.
+
+Every step also records a checksum of each array (``train.integrity``),
+verified on restore: a step whose numbers changed on disk is treated like an
+unreadable one. No step is ever written with a NaN or inf in a parameter or
+optimizer leaf (``FloatingPointError`` naming the leaves). With
+``async_save``, Orbax writes in a background thread while training goes on;
+``wait`` (and ``close``) block until the last save is durable.
 """
 
-import json
 import logging
 import os
 import time
@@ -20,6 +26,18 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+from train import integrity
+
+
+class IntegrityError(ValueError):
+  """A step's arrays do not match the checksums saved with them."""
+
+
+def _handlers() -> dict[str, Any]:
+  return {'model': ocp.StandardCheckpointHandler(),
+          'optimizer': ocp.StandardCheckpointHandler(),
+          'meta': ocp.JsonCheckpointHandler()}
 
 
 def _abstract_like(tree: Any) -> Any:
@@ -36,17 +54,21 @@ class Checkpointer:
   """Saves and restores ``{'model': ..., 'optimizer': ..., 'meta': {...}}``.
 
   ``model`` and ``optimizer`` are pure pytrees of arrays (``nnx.as_pure`` of
-  the NNX states); ``meta`` is small JSON (the step, the data position).
+  the NNX states); ``meta`` is small JSON (the step, the data position) to
+  which ``save`` adds the checksums.
   """
 
-  def __init__(self, directory: str, *, keep: int = 3):
+  def __init__(self, directory: str, *, keep: int = 3,
+               async_save: bool = False):
     self.directory = os.path.abspath(directory)
+    self._async = async_save
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False
+            max_to_keep=keep, create=True,
+            enable_async_checkpointing=async_save,
         ),
-        item_names=('model', 'optimizer', 'meta'),
+        item_handlers=_handlers(),
     )
 
   def all_steps(self) -> list[int]:
@@ -54,15 +76,34 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, model: Any, optimizer: Any, meta: dict) -> None:
+    """Saves ``step``; returns once written (or, if async, once copied).
+
+    Raises:
+      FloatingPointError: naming every leaf with a NaN or inf; nothing is
+        written.
+    """
+    checksums, nonfinite = integrity.fingerprint(
+        {'model': model, 'optimizer': optimizer})
+    if nonfinite:
+      raise FloatingPointError(
+          f'Not saving step {step} to {self.directory}: non-finite values in'
+          f' {len(nonfinite)} leaves: {", ".join(nonfinite[:8])}'
+          f'{" ..." if len(nonfinite) > 8 else ""}. The newest checkpoint'
+          ' predates them.')
     self._manager.save(
         step,
         args=ocp.args.Composite(
             model=ocp.args.StandardSave(model),
             optimizer=ocp.args.StandardSave(optimizer),
-            meta=ocp.args.JsonSave(meta),
+            meta=ocp.args.JsonSave(dict(meta, checksums=checksums)),
         ),
         force=True,
     )
+    if not self._async:
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the last save is complete on disk."""
     self._manager.wait_until_finished()
 
   def restore_latest(
@@ -92,6 +133,7 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
+        self._verify(step, restored)
       except Exception as e:  # pylint: disable=broad-except
         failed.append((step, e))
         logging.warning(
@@ -106,13 +148,32 @@ class Checkpointer:
             ' cannot be read; they were moved, not deleted, to %s.',
             step, self.directory, [s for s, _ in failed], moved,
         )
-      return step, restored['model'], restored['optimizer'], restored['meta']
+      meta = dict(restored['meta'])
+      meta.pop('checksums', None)
+      return step, restored['model'], restored['optimizer'], meta
     if failed:
       raise RuntimeError(
           f'No checkpoint in {self.directory} can be restored: '
           + '; '.join(f'step {s}: {e}' for s, e in failed)
       )
     return None
+
+  def _verify(self, step: int, restored: dict) -> None:
+    """Raises ``IntegrityError`` naming the leaves whose bits changed."""
+    expected = restored['meta'].get('checksums')
+    if expected is None:
+      logging.warning('Checkpoint step %d in %s has no checksums (an older'
+                      ' version wrote it); its data are not verified.',
+                      step, self.directory)
+      return
+    bad = integrity.mismatches(
+        expected, {'model': restored['model'],
+                   'optimizer': restored['optimizer']})
+    if bad:
+      raise IntegrityError(
+          f'the data of {len(bad)} array(s) do not match the checksums saved'
+          f' with them (damaged on disk): {", ".join(bad[:8])}'
+          f'{" ..." if len(bad) > 8 else ""}')
 
   def _set_aside(self, step: int) -> str:
     """Renames a damaged step out of the way (the run will save it anew)."""
@@ -125,7 +186,17 @@ class Checkpointer:
     return dst
 
   def close(self) -> None:
-    self._manager.close()
+    """Waits for the last save, then releases Orbax's resources."""
+    if self._manager is not None:
+      manager, self._manager = self._manager, None
+      manager.wait_until_finished()
+      manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def read_step(directory: str, step: int) -> dict[str, Any]:
@@ -134,15 +205,18 @@ def read_step(directory: str, step: int) -> dict[str, Any]:
   For inspection and tests: ``{'model': ..., 'optimizer': ..., 'meta': ...}``
   with nested dicts of arrays, as saved.
   """
-  path = os.path.join(os.path.abspath(directory), str(step))
-  checkpointer = ocp.StandardCheckpointer()
-  out = {}
-  for item in ('model', 'optimizer'):
-    metadata = checkpointer.metadata(os.path.join(path, item))
-    tree = getattr(metadata, 'item_metadata', metadata)
-    target = jax.tree.map(
-        lambda m: np.zeros(m.shape, m.dtype), getattr(tree, 'tree', tree))
-    out[item] = checkpointer.restore(os.path.join(path, item), target)
-  with open(os.path.join(path, 'meta', 'metadata')) as f:
-    out['meta'] = json.load(f)
-  return out
+  with ocp.CheckpointManager(os.path.abspath(directory),
+                             item_handlers=_handlers()) as manager:
+    metadata = manager.item_metadata(step)
+    targets = {
+        item: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                           getattr(metadata[item], 'tree', metadata[item]))
+        for item in ('model', 'optimizer')
+    }
+    out = manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(targets['model']),
+        optimizer=ocp.args.StandardRestore(targets['optimizer']),
+        meta=ocp.args.JsonRestore(),
+    ))
+  return {'model': out['model'], 'optimizer': out['optimizer'],
+          'meta': out['meta']}

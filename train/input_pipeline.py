@@ -83,11 +83,23 @@ def _source(name: str, split: str, data_dir) -> Any:
     return tfds.data_source(name, split=split, data_dir=data_dir,
                             download=False)
   except Exception as e:  # pylint: disable=broad-except
+    if _num_examples(name, split, data_dir) == 0:
+      raise ValueError(
+          f'Split {split!r} of {name!r} in data_dir {data_dir!r} is empty (0'
+          ' examples); check config.dataset.') from e
     raise ValueError(
         f'Cannot read split {split!r} of {name!r} from data_dir {data_dir!r}:'
         f' {type(e).__name__}: {e}. Random access needs the array_record'
         ' format: tfds build ... --file_format=array_record.'
     ) from e
+
+
+def _num_examples(name: str, split: str, data_dir) -> int | None:
+  """The size TFDS records for a split (slices too), or None if unknown."""
+  try:
+    return tfds.builder(name, data_dir=data_dir).info.splits[split].num_examples
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 def eval_sets(dataset: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:

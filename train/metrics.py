@@ -18,6 +18,10 @@ class _QuietLibraries(logging.Filter):
   """Drops the libraries' INFO chatter (Orbax logs every file it writes)."""
 
   def filter(self, record):
+    if '/orbax/' in record.pathname and record.levelno >= logging.ERROR:
+      # Orbax's background threads log the traceback of an error that is
+      # raised again in the main thread: keep their one line, not the pages.
+      record.exc_info = record.exc_text = None
     return record.levelno >= logging.WARNING or not any(
         f'/{lib}/' in record.pathname
         for lib in ('orbax', 'etils', 'grain', 'tensorflow_datasets', 'jax'))
@@ -41,17 +45,34 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
-    """Drops lines logged after ``step`` (a resumed run logs them again)."""
+    """Drops lines logged after ``step`` (a resumed run logs them again).
+
+    A last line torn by a kill during its write is removed too, before
+    anything is appended after it.
+    """
     if not self.enabled or not os.path.exists(self.path):
       return
     rows = read_jsonl(self.path)
     kept = [r for r in rows if r['step'] <= step]
-    if len(kept) != len(rows):
+    with open(self.path, 'rb') as f:
+      f.seek(max(os.path.getsize(self.path) - 1, 0))
+      torn = f.read(1) not in (b'', b'\n')
+    if torn:
+      logging.warning('Removed a torn last line (cut by a kill) from %s.',
+                      self.path)
+    if torn or len(kept) != len(rows):
       tmp = self.path + '.tmp'
       with open(tmp, 'w') as f:
         for r in kept:
           f.write(json.dumps(r) + '\n')
       os.replace(tmp, self.path)
+
+  def has_row(self, step: int, prefix: str) -> bool:
+    """Whether a row of ``step`` has a key starting with ``prefix``."""
+    if not self.enabled or not os.path.exists(self.path):
+      return False
+    return any(r['step'] == step and any(k.startswith(prefix) for k in r)
+               for r in read_jsonl(self.path))
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:

@@ -7,6 +7,7 @@ evaluation on the in-distribution and out-of-distribution sets, metrics and
 checkpoints.
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -20,16 +21,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
 import spd_optax
 from train import checkpoints
+from train import config_checks
 from train import input_pipeline
 from train import metrics as metrics_lib
 from train import models
 from train import optimizers
+from train import preemption as preemption_lib
 from train import weights
+from train import workdir_lock
 
 
 # -- Mesh and sharding --------------------------------------------------------
@@ -173,9 +178,10 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict):
       saved = json.load(f)
     # What may change between a run and its resumption (not num_train_steps:
     # the learning-rate schedule depends on it).
+    # Nor the mesh: checkpoints restore onto any mesh.
     resumable = ('progress_bar', 'eval_every_steps', 'log_every_steps',
                  'checkpoint_every_steps', 'keep_checkpoints',
-                 'max_steps_per_run')
+                 'max_steps_per_run', 'async_checkpointing', 'mesh')
     diff = sorted(
         k for k in set(saved) | set(current)
         if k not in resumable and saved.get(k) != current.get(k)
@@ -207,12 +213,37 @@ def _check_finite(out, step, config, workdir) -> None:
   )
 
 
+def _is_eval_step(step: int, config: ml_collections.ConfigDict) -> bool:
+  return step % config.eval_every_steps == 0 or step == config.num_train_steps
+
+
+def _eval_pending(step: int, config, writer) -> bool:
+  """Whether ``step`` was saved but not evaluated (preempted, eval failed)."""
+  pending = (step > 0 and _is_eval_step(step, config)
+             and not writer.has_row(step, 'eval/'))
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(pending)))
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *,
     print_summary: bool = True,
 ) -> dict[str, float]:
-  """Trains, evaluates and checkpoints; returns the final eval metrics."""
+  """Trains, evaluates and checkpoints; returns the final eval metrics.
+
+  Refuses a nonsensical config before any work, and a workdir that another
+  run holds. SIGTERM / SIGINT save the current step, then raise
+  ``train.preemption.Preempted`` (the command line exits 0).
+  """
+  config_checks.check(config, num_devices=jax.device_count())
   workdir = os.path.abspath(workdir)
+  with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(workdir_lock.WorkdirLock(workdir))
+    preemption = cleanup.enter_context(preemption_lib.Preemption())
+    return _train_and_evaluate(config, workdir, preemption, cleanup,
+                               print_summary)
+
+
+def _train_and_evaluate(config, workdir, preemption, cleanup, print_summary):
   _check_workdir_config(workdir, config)
   mesh = make_mesh(config)
   input_pipeline.check_available(config.dataset)
@@ -230,9 +261,10 @@ def train_and_evaluate(
       anchor_params = jax.tree.map(
           jnp.copy, nnx.as_pure(nnx.state(model, wrt)))
 
-  ckpt = checkpoints.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints
-  )
+  ckpt = cleanup.enter_context(checkpoints.Checkpointer(  # Waits for saves.
+      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
+      async_save=config.get('async_checkpointing', False),
+  ))
   start_step = 0
   restored = ckpt.restore_latest(
       nnx.as_pure(nnx.state(model)), nnx.as_pure(nnx.state(optimizer))
@@ -254,6 +286,10 @@ def train_and_evaluate(
   schedule = optimizers.learning_rate_schedule(config)
   root_key = jax.random.key(config.seed + 1)
   eval_results: dict[str, float] = {}
+  if _eval_pending(start_step, config, writer):
+    with jax.set_mesh(mesh):
+      eval_results = evaluate(model, config, mesh)
+    writer.write(start_step, eval_results)
   progress = tqdm.tqdm(
       total=config.num_train_steps, initial=start_step, desc='train',
       disable=not config.progress_bar or jax.process_index() != 0,
@@ -262,16 +298,23 @@ def train_and_evaluate(
   last_step = config.num_train_steps
   if config.max_steps_per_run > 0:
     last_step = min(last_step, start_step + config.max_steps_per_run)
+  stop = False
+
+  def save(step):
+    ckpt.save(step, nnx.as_pure(nnx.state(model)),
+              nnx.as_pure(nnx.state(optimizer)), {'step': step})
+
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, last_step + 1):
       batch = shard_batch(next(train_iter), mesh)
       out = train_step(model, optimizer, batch,
                        jax.random.fold_in(root_key, step), anchor_params)
       window_images += config.batch_size
+      stop = preemption.reached(step)
       is_log_step = (step % config.log_every_steps == 0
                      or step == config.num_train_steps)
       is_checkpoint_step = (step % config.checkpoint_every_steps == 0
-                            or step == last_step)
+                            or step == last_step or stop)
       if is_log_step or is_checkpoint_step:  # No checkpoint may hold NaNs.
         out = jax.device_get(out)
         _check_finite(out, step, config, workdir)
@@ -283,14 +326,26 @@ def train_and_evaluate(
         progress.set_postfix(loss=f'{out["train/loss"]:.3f}',
                              img_s=f'{out["train/images_per_second"]:.0f}')
         window_start, window_images = time.perf_counter(), 0
-      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-        eval_results = evaluate(model, config, mesh)
-        writer.write(step, eval_results)
-      if is_checkpoint_step:
-        ckpt.save(step, nnx.as_pure(nnx.state(model)),
-                  nnx.as_pure(nnx.state(optimizer)), {'step': step})
+      if is_checkpoint_step:  # Before evaluating.
+        save(step)
       progress.update(1)
+      if stop:  # Evaluated when the run resumes.
+        break
+      if _is_eval_step(step, config):
+        try:
+          eval_results = evaluate(model, config, mesh)
+        except Exception:
+          if not is_checkpoint_step:
+            save(step)  # An eval crash loses no training: resume evaluates.
+          raise
+        writer.write(step, eval_results)
   progress.close()
+  if stop:
+    ckpt.wait()
+    writer.close()
+    raise preemption_lib.Preempted(
+        f'Stopped by {preemption.signal_name} after step {step}, saved in'
+        f' {workdir}; run the same command to resume.')
   if last_step < config.num_train_steps:
     logging.info('Stopped after step %d (config.max_steps_per_run); run the'
                  ' same command to continue.', last_step)

@@ -52,18 +52,28 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     files = [path]
   tensors = {}
   for f in files:
-    if f.endswith('.npz'):
-      with np.load(f) as z:
-        tensors.update({k: z[k] for k in z.files})
-    elif f.endswith('.safetensors'):
-      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-      with safe_open(f, framework='flax') as st:
-        for k in st.keys():
-          t = st.get_tensor(k)
-          tensors[k] = np.asarray(t.astype(jnp.float32) if t.dtype in (
-              jnp.bfloat16, jnp.float16) else t)
-    else:
+    if not f.endswith(('.npz', '.safetensors')):
       raise ValueError(f'{f!r}: expected a .npz or .safetensors file.')
+    try:
+      tensors.update(_read_file(f))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(
+          f'Cannot read pre-trained file {f!r} (config.pretrained.path); it'
+          f' may be truncated or damaged: {type(e).__name__}: {e}') from e
+  return tensors
+
+
+def _read_file(f: str) -> dict[str, np.ndarray]:
+  if f.endswith('.npz'):
+    with np.load(f) as z:
+      return {k: z[k] for k in z.files}
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  tensors = {}
+  with safe_open(f, framework='flax') as st:
+    for k in st.keys():
+      t = st.get_tensor(k)
+      tensors[k] = np.asarray(t.astype(jnp.float32) if t.dtype in (
+          jnp.bfloat16, jnp.float16) else t)
   return tensors
 
 
@@ -297,6 +307,10 @@ def load_pretrained(model, path: str, *, dont_load: Iterable[str] = (),
           f' {tuple(value.shape)} but our leaf {name!r} has shape'
           f' {tuple(var.shape)}; check config.model.name, or list the leaf'
           ' in config.pretrained.dont_load.')
+    if not np.all(np.isfinite(value)):
+      raise ValueError(
+          f'{path}: checkpoint tensor {source!r} (our leaf {name!r}) holds'
+          ' NaN or inf values; refusing to load it.')
     new[name] = value
   state = nnx.state(model, nnx.Param)
   flat = dict(nnx.to_flat_state(state))

@@ -1,0 +1,171 @@
+"""Refuses configs whose values have the right type but make no sense.
+
+The flag parser already refuses unknown keys and wrong types; this module
+catches the rest before any work starts (a negative learning rate that trains
+uphill, ``keep_checkpoints=0`` that deletes every checkpoint, a batch that
+cannot be split over the devices, ...). Every rule is one line of ``RULES``:
+``(key, allowed)``; a key a config does not have is skipped, so a new field
+is one new line::
+
+  ('optimizer.learning_rate', Range(lo=0)),
+
+    >>> from configs import tiny
+    >>> config = tiny.get_config()
+    >>> config.optimizer.learning_rate = -1e-3
+    >>> problems(config, num_devices=1)
+    ['config.optimizer.learning_rate=-0.001: must be >= 0']
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """A number (or each number of a tuple) in ``[lo, hi]``; open ends with ``*_open``."""
+  lo: Optional[float] = None
+  hi: Optional[float] = None
+  lo_open: bool = False
+  hi_open: bool = False
+
+  def __call__(self, value: Any) -> bool:
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return all(self._ok(v) for v in values)
+
+  def _ok(self, v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      return False
+    if not math.isfinite(v):
+      return False
+    if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+      return False
+    if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
+      return False
+    return True
+
+  def __str__(self) -> str:
+    if self.hi is None:
+      return f'{">" if self.lo_open else ">="} {self.lo}'
+    if self.lo is None:
+      return f'{"<" if self.hi_open else "<="} {self.hi}'
+    return (f'in {"(" if self.lo_open else "["}{self.lo}, {self.hi}'
+            f'{")" if self.hi_open else "]"}')
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+  """A value among ``choices``."""
+  choices: tuple
+
+  def __call__(self, value: Any) -> bool:
+    return value in self.choices
+
+  def __str__(self) -> str:
+    return f'one of {self.choices}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+  """Any predicate, with the words that say what it allows."""
+  predicate: Callable[[Any], bool]
+  description: str
+
+  def __call__(self, value: Any) -> bool:
+    return bool(self.predicate(value))
+
+  def __str__(self) -> str:
+    return self.description
+
+
+def _ordered_in_unit(v) -> bool:
+  return (len(v) == 2 and Range(0, 1, lo_open=True)(v) and v[0] <= v[1])
+
+
+POSITIVE = Range(lo=0, lo_open=True)
+NON_NEGATIVE = Range(lo=0)
+PROBABILITY = Range(0, 1)
+
+# (key, allowed). mesh.* is checked against the devices by make_mesh, and may
+# change when a run resumes.
+RULES: Sequence[tuple[str, Any]] = (
+    ('seed', NON_NEGATIVE),
+    ('model.num_classes', POSITIVE),
+    ('model.pool', OneOf(('', 'cls', 'mean'))),
+    ('model.drop_path_rate', Range(0, 1, hi_open=True)),
+    ('model.lora_rank', NON_NEGATIVE),
+    ('model.lora_alpha', NON_NEGATIVE),
+    ('model.dtype', OneOf(('', 'float32', 'bfloat16', 'float16'))),
+    ('dataset.image_size', POSITIVE),
+    ('dataset.num_classes', POSITIVE),
+    ('dataset.std', POSITIVE),
+    ('dataset.crop_fraction', Range(0, 1, lo_open=True)),
+    ('dataset.augment.crop_scale',
+     Where(_ordered_in_unit, '(lo, hi) with 0 < lo <= hi <= 1')),
+    ('dataset.augment.mixup_alpha', NON_NEGATIVE),
+    ('dataset.augment.cutmix_alpha', NON_NEGATIVE),
+    ('dataset.augment.mix_prob', PROBABILITY),
+    ('dataset.augment.switch_prob', PROBABILITY),
+    ('dataset.augment.label_smoothing', Range(0, 1, hi_open=True)),
+    ('optimizer.learning_rate', NON_NEGATIVE),
+    ('optimizer.warmup_steps', NON_NEGATIVE),
+    ('optimizer.weight_decay', NON_NEGATIVE),
+    ('optimizer.b1', Range(0, 1, hi_open=True)),
+    ('optimizer.b2', Range(0, 1, hi_open=True)),
+    ('optimizer.eps', NON_NEGATIVE),
+    ('optimizer.grad_clip_norm', NON_NEGATIVE),
+    ('optimizer.anchor_dtype', OneOf(('', 'float32', 'bfloat16', 'float16'))),
+    ('optimizer.max_nonfinite', NON_NEGATIVE),
+    ('batch_size', POSITIVE),
+    ('eval_batch_size', POSITIVE),
+    ('num_train_steps', POSITIVE),
+    ('log_every_steps', POSITIVE),
+    ('eval_every_steps', POSITIVE),
+    ('checkpoint_every_steps', POSITIVE),
+    ('keep_checkpoints', Range(lo=1)),
+    ('max_steps_per_run', NON_NEGATIVE),
+)
+
+# Global batch sizes that are split over every device of every process.
+SPLIT_OVER_DEVICES = ('batch_size', 'eval_batch_size')
+
+
+def _get(config: ml_collections.ConfigDict, key: str):
+  node = config
+  for part in key.split('.'):
+    if part not in node:
+      raise KeyError(key)
+    node = node[part]
+  return node
+
+
+def problems(config: ml_collections.ConfigDict, *,
+             num_devices: int) -> list[str]:
+  """One line per value that breaks a rule (empty when the config is fine)."""
+  out = []
+  for key, allowed in RULES:
+    try:
+      value = _get(config, key)
+    except KeyError:
+      continue
+    if not allowed(value):
+      out.append(f'config.{key}={value!r}: must be {allowed}')
+  for key in SPLIT_OVER_DEVICES:
+    try:
+      value = _get(config, key)
+    except KeyError:
+      continue
+    if isinstance(value, int) and value > 0 and value % num_devices:
+      out.append(f'config.{key}={value}: must be a multiple of the'
+                 f' {num_devices} devices')
+  return out
+
+
+def check(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+  """Raises ``ValueError`` naming every bad key and its allowed range."""
+  found = problems(config, num_devices=num_devices)
+  if found:
+    raise ValueError('Invalid config (nothing was run):\n  '
+                     + '\n  '.join(found))
