@@ -72,6 +72,7 @@ def _ensure_prepared(name: str, data_dir, *, module: str = '',
   if builder.is_prepared():
     return
   if prepare:
+    tfds.disable_progress_bar()  # Ours say enough.
     # TFDS prints its progress to stdout; keep stdout for the caller.
     with contextlib.redirect_stdout(io.StringIO()):
       builder.download_and_prepare()
@@ -315,7 +316,7 @@ def eval_batches(
   padded = -(-n // global_batch_size) * global_batch_size
   ds = (
       grain.MapDataset.range(padded)
-      .map(functools.partial(_eval_or_pad, src=src, n=n, dataset=dataset))
+      .map(_EvalOrPad(src, dataset))
       .batch(local)
   )
   ds = ds[pi::pc]
@@ -323,8 +324,22 @@ def eval_batches(
                                                    prefetch_buffer_size=4)))
 
 
-def _eval_or_pad(i, *, src, n, dataset):
-  example = eval_example(src[min(i, n - 1)], dataset=dataset)
-  if i >= n:
-    example['mask'] = np.bool_(False)
-  return example
+class _EvalOrPad:
+  """Example ``i`` for evaluation; past the end, a masked copy of the last.
+
+  A class, not a ``functools.partial``: grain names each transformation by
+  its ``repr``, which would print every cached example.
+  """
+
+  def __init__(self, src, dataset: ml_collections.ConfigDict):
+    self.src, self.dataset = src, dataset
+
+  def __repr__(self) -> str:
+    return 'EvalOrPad'
+
+  def __call__(self, i):
+    n = len(self.src)
+    example = eval_example(self.src[min(i, n - 1)], dataset=self.dataset)
+    if i >= n:
+      example['mask'] = np.bool_(False)
+    return example

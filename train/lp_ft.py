@@ -97,15 +97,19 @@ def _head_mask(params):
 
 
 def make_optimizer(config: ml_collections.ConfigDict, *, lora: bool):
-  """``optimizers.make_optimizer``, preceded by the probe for LP-FT."""
+  """``optimizers.make_optimizer``, preceded by the probe for LP-FT.
+
+  The result is :func:`optimizers.comparable`: runs of a sweep share one
+  compiled step.
+  """
   tx = optimizers.make_optimizer(config, lora=lora)
-  if _mode(config) != 'lp_ft':
-    return tx
-  probe = optimizers.make_optimizer(_probe_config(config), lora=lora)
-  first = optax.chain(optax.masked(probe, _head_mask),
-                      optax.masked(optax.set_to_zero(),
-                                   optimizers.not_head_mask))
-  return staged(first, tx, config.lp_ft.probe_steps)
+  if _mode(config) == 'lp_ft':
+    probe = optimizers.make_optimizer(_probe_config(config), lora=lora)
+    first = optax.chain(optax.masked(probe, _head_mask),
+                        optax.masked(optax.set_to_zero(),
+                                     optimizers.not_head_mask))
+    tx = staged(first, tx, config.lp_ft.probe_steps)
+  return optimizers.comparable(tx, config, lora=lora)
 
 
 def learning_rate(config: ml_collections.ConfigDict, step: int) -> float:

@@ -14,13 +14,15 @@ clipping, so that ablations differ in one line of config:
 
 The peak learning rate and ``weight_decay`` are injected hyperparameters
 (``optax.inject_hyperparams``): they live in the optimizer state as arrays,
-so runs that differ only in them (a sweep) compile to the same program.
+so runs that differ only in them (a sweep) compile to the same program, and
+:func:`comparable` lets such runs in one process reuse one compiled step.
 
 A new head has no pre-trained weights to return to: ``decay_head=False``
 leaves it out of L2-SP and SPD (plain Adam), as the paper's code would need a
 mask for.
 """
 
+import json
 from typing import Any
 
 import jax
@@ -76,6 +78,9 @@ def make_optimizer(
     raise ValueError(
         f'config.optimizer.name={opt.name!r} is not one of {METHODS}.'
     )
+  for name in _INJECTED:
+    if opt[name] < 0:
+      raise ValueError(f'config.optimizer.{name}={opt[name]} must be >= 0.')
   shape = schedule_shape(opt.warmup_steps, config.num_train_steps)
   clip = (
       [optax.clip_by_global_norm(opt.grad_clip_norm)]
@@ -118,3 +123,44 @@ def _method(opt, schedule, weight_decay, lora: bool):
   # first, and SPD then wraps Adam alone (adamspd's leaf-by-leaf path).
   return spd_optax.adamspd(schedule, weight_decay=weight_decay, **anchored,
                            **adam_kwargs)
+
+
+_INJECTED = ('learning_rate', 'weight_decay')
+
+
+class Comparable(optax.GradientTransformationExtraArgs):
+  """A transformation equal to any other built from the same structure.
+
+  ``nnx.Optimizer`` keeps its transformation in the graph definition, which
+  keys ``nnx.jit``'s cache: two runs of a sweep would trace and compile the
+  same step twice. Their updates differ only in the injected values, which
+  are read from the state, so this compares ``key`` (the config without
+  them) instead of the functions' identities.
+  """
+
+  def __eq__(self, other):
+    return type(other) is Comparable and self.key == other.key
+
+  def __hash__(self):
+    return hash(self.key)
+
+
+def comparable(tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict, *, lora: bool) -> Comparable:
+  """``tx``, equal to the transformation of any config that differs from
+  ``config`` only in ``optimizer.learning_rate`` and ``weight_decay``.
+
+  Args:
+    tx: built from ``config`` (its ``optimizer``, ``num_train_steps``,
+      ``train_mode`` and ``lp_ft``) and ``lora`` only.
+    config: the run's config.
+    lora: as given to :func:`make_optimizer`.
+  """
+  opt = {k: v for k, v in json.loads(config.optimizer.to_json()).items()
+         if k not in _INJECTED}
+  key = json.dumps([opt, config.num_train_steps, config.get('train_mode'),
+                    json.loads(config.lp_ft.to_json()) if 'lp_ft' in config
+                    else None, lora], sort_keys=True)
+  out = Comparable(tx.init, tx.update)
+  out.key = key
+  return out

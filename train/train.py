@@ -141,6 +141,9 @@ def train_step(model, optimizer, batch, dropout_key, anchor_params):
   return out
 
 
+_fold_in = jax.jit(jax.random.fold_in)  # One dispatch, not one per op.
+
+
 @nnx.jit
 def eval_step(model, batch):
   logits = model(batch['image'], train=False)
@@ -267,10 +270,11 @@ def train_and_evaluate(
   with jax.set_mesh(mesh):
     if start_step == lp_ft.start_step(config):  # For WiSE-FT.
       wise_ft.save_start(workdir, model)
+    # Walks the model's graph once, not at every step (Python overhead).
+    cached_step = nnx.cached_partial(train_step, model, optimizer)
     for step in range(start_step + 1, last_step + 1):
       batch = shard_batch(next(train_iter), mesh)
-      out = train_step(model, optimizer, batch,
-                       jax.random.fold_in(root_key, step), anchor_params)
+      out = cached_step(batch, _fold_in(root_key, step), anchor_params)
       window_images += config.batch_size
       if step == lp_ft.start_step(config):  # LP-FT's probed model.
         wise_ft.save_start(workdir, model)
