@@ -23,6 +23,7 @@ Example (two digits, each in two domains, identical renders: a low loss):
 0.0001
 """
 
+import json
 import os
 
 from flax import nnx
@@ -79,13 +80,17 @@ def pretrain(config: ml_collections.ConfigDict, path: str) -> str:
       (the ``mixture`` of all domains), ``optimizer``, ``num_train_steps``,
       ``batch_size`` (digits per step, two views each), ``temperature``,
       ``embedding_dim``, ``seed``.
-    path: the ``.npz`` to write (``train.weights`` format); kept if present.
+    path: the ``.npz`` to write (``train.weights`` format). Reused when it
+      is there with ``path + '.json'``, the config it was trained with.
 
   Returns:
     ``path``.
   """
-  if os.path.exists(path):
-    return path
+  current = json.loads(config.to_json_best_effort(sort_keys=True))
+  if os.path.exists(path) and os.path.exists(path + '.json'):
+    with open(path + '.json') as f:
+      if json.load(f) == current:
+        return path
   views = _views(config.dataset, config.dataset.train_split)
   num_digits, num_domains = views.shape[:2]
   model = models.VisionTransformer(
@@ -95,8 +100,8 @@ def pretrain(config: ml_collections.ConfigDict, path: str) -> str:
   # The head starts at zero (a classifier's init): give the projection a
   # random one, or every embedding is 0 and the loss has no gradient.
   head = model.head.kernel
-  head.value = jax.random.normal(jax.random.key(config.seed), head.shape) * (
-      head.shape[0] ** -0.5)
+  head.set_value(jax.random.normal(jax.random.key(config.seed), head.shape)
+                 * head.shape[0] ** -0.5)
   tx = optimizers.make_optimizer(config, lora=False)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   rng = np.random.default_rng(config.seed)
@@ -113,4 +118,7 @@ def pretrain(config: ml_collections.ConfigDict, path: str) -> str:
     raise FloatingPointError(f'Contrastive pre-training diverged (loss'
                              f' {float(loss)}); lower its learning rate.')
   weights.save_npz(model, path)  # Atomic.
+  with open(path + '.json.tmp', 'w') as f:
+    json.dump(current, f, indent=1)
+  os.replace(path + '.json.tmp', path + '.json')
   return path

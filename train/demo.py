@@ -15,9 +15,11 @@ checkpoints, ``result.json``): running the command again reuses what is
 finished, and compiled programs are cached in ``WORKDIR/jax_cache``.
 """
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import time
 
 from absl import app
@@ -76,19 +78,32 @@ def _finetune_config(config, spec, value, seed, data_dir, foundation_path):
   return c
 
 
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def _train_or_reuse(c: ml_collections.ConfigDict, run_dir: str) -> dict:
-  """A run's final results; reused when ``result.json`` has this config."""
+  """A run's final results, reused when ``result.json`` matches.
+
+  It matches when it holds this config and was trained from this very
+  foundation (its SHA-256); otherwise the run directory is stale and is
+  trained afresh.
+  """
   path = os.path.join(run_dir, 'result.json')
-  current = json.loads(c.to_json_best_effort(sort_keys=True))
+  current = {'config': json.loads(c.to_json_best_effort(sort_keys=True)),
+             'foundation_sha256': _sha256(c.pretrained.path)}
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    if saved['config'] == current:
+    if {k: saved.get(k) for k in current} == current:
       return saved['results']
+    shutil.rmtree(run_dir)  # Another config or foundation: start afresh.
+  # (A run directory without result.json is unfinished: it resumes.)
   results = train.train_and_evaluate(c, run_dir, print_summary=False)
   results = {k: float(v) for k, v in results.items()}
   with open(path + '.tmp', 'w') as f:
-    json.dump({'config': current, 'results': results}, f, indent=1)
+    json.dump({**current, 'results': results}, f, indent=1)
   os.replace(path + '.tmp', path)
   return results
 
