@@ -11,8 +11,8 @@ from train import optimizers
 from train import train
 from tests import trainlib
 
-CASES = [('adam', 0), ('adamw', 0), ('l2sp', 0), ('spd', 0), ('spd', 4),
-         ('adamw', 4)]
+CASES = [('adam', 0), ('adamw', 0), ('l2sp', 0), ('spd', 0), ('projection', 0),
+         ('spd', 4), ('adamw', 4)]
 
 
 @pytest.mark.parametrize('name,lora_rank', CASES)

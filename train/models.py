@@ -98,6 +98,12 @@ def get_model_kwargs(name: str) -> dict[str, Any]:
   return dataclasses.asdict(MODEL_CONFIGS[name])
 
 
+def exact_gelu(x: jax.Array) -> jax.Array:
+  """ViT's GELU. A named function, so that two models compare equal (one
+  compiled step serves both)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
 def quick_gelu(x: jax.Array) -> jax.Array:
   """CLIP's GELU approximation, :math:`x \\sigma(1.702 x)`."""
   return x * jax.nn.sigmoid(1.702 * x)
@@ -275,8 +281,7 @@ class VisionTransformer(nnx.Module):
     self.pre_norm = nnx.LayerNorm(width, **norm_kwargs) if clip else None
     dense_kwargs = dict(lora_rank=lora_rank, lora_alpha=lora_alpha,
                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    activation = quick_gelu if clip else (
-        lambda x: jax.nn.gelu(x, approximate=False))
+    activation = quick_gelu if clip else exact_gelu
     self.blocks = nnx.List([
         Block(width, mlp_dim, num_heads, activation=activation, eps=eps,
               drop_path_rate=drop_path_rate, dense_kwargs=dense_kwargs,

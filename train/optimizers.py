@@ -9,12 +9,20 @@ clipping, so that ablations differ in one line of config:
 - ``l2sp``: Adam on the loss plus ``lambda/2 ||theta - theta0||^2``.
 - ``spd``: Adam-SPD. Full fine-tuning anchors at the weights the optimizer is
   built from (the loaded pre-trained weights); with LoRA the anchor is zero.
+- ``projection``: the paper's ablation, SPD's projection applied to every
+  layer at every step (no selection), around the same Adam.
+
+The peak learning rate and ``weight_decay`` are injected hyperparameters
+(``optax.inject_hyperparams``): they live in the optimizer state as arrays,
+so runs that differ only in them (a sweep) compile to the same program, and
+:func:`comparable` lets such runs in one process reuse one compiled step.
 
 A new head has no pre-trained weights to return to: ``decay_head=False``
 leaves it out of L2-SP and SPD (plain Adam), as the paper's code would need a
 mask for.
 """
 
+import json
 from typing import Any
 
 import jax
@@ -23,19 +31,25 @@ import optax
 
 import spd_optax
 
-METHODS = ('adam', 'adamw', 'l2sp', 'spd')
+METHODS = ('adam', 'adamw', 'l2sp', 'spd', 'projection')
+
+
+def schedule_shape(warmup_steps: int, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to 1, then cosine decay to 0 at ``num_steps``."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=1.0,
+      warmup_steps=min(warmup_steps, max(num_steps - 1, 0)),
+      decay_steps=max(num_steps, 1),
+      end_value=0.0,
+  )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to ``learning_rate``, then cosine decay to 0."""
   opt = config.optimizer
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=opt.learning_rate,
-      warmup_steps=min(opt.warmup_steps, max(config.num_train_steps - 1, 0)),
-      decay_steps=max(config.num_train_steps, 1),
-      end_value=0.0,
-  )
+  shape = schedule_shape(opt.warmup_steps, config.num_train_steps)
+  return lambda count: opt.learning_rate * shape(count)
 
 
 def not_head_mask(params: Any) -> Any:
@@ -64,46 +78,89 @@ def make_optimizer(
     raise ValueError(
         f'config.optimizer.name={opt.name!r} is not one of {METHODS}.'
     )
-  schedule = learning_rate_schedule(config)
-  adam_kwargs = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
-  anchor = 'zeros' if lora else 'params'
-  mask = None if opt.decay_head else not_head_mask
-  anchor_dtype = opt.anchor_dtype or None
+  for name in _INJECTED:
+    if opt[name] < 0:
+      raise ValueError(f'config.optimizer.{name}={opt[name]} must be >= 0.')
+  shape = schedule_shape(opt.warmup_steps, config.num_train_steps)
   clip = (
       [optax.clip_by_global_norm(opt.grad_clip_norm)]
       if opt.grad_clip_norm
       else []
   )
-  if opt.name == 'adam':
-    tx = optax.chain(*clip, optax.adam(schedule, **adam_kwargs))
-  elif opt.name == 'adamw':
-    tx = optax.chain(
-        *clip,
-        optax.adamw(schedule, weight_decay=opt.weight_decay, **adam_kwargs),
-    )
-  elif opt.name == 'l2sp':
-    tx = optax.chain(
-        *clip,
-        spd_optax.l2sp(
-            opt.weight_decay, anchor=anchor, mask=mask, anchor_dtype=anchor_dtype
-        ),
-        optax.adam(schedule, **adam_kwargs),
-    )
-  else:  # spd
-    # Clipping rescales the gradient by a positive factor, which leaves SPD's
-    # test, the sign of <g, theta - theta0>, unchanged: it may come first,
-    # and SPD then wraps Adam alone (adamspd's leaf-by-leaf path).
-    tx = optax.chain(
-        *clip,
-        spd_optax.adamspd(
-            schedule,
-            weight_decay=opt.weight_decay,
-            anchor=anchor,
-            mask=mask,
-            anchor_dtype=anchor_dtype,
-            **adam_kwargs,
-        ),
-    )
+
+  def build(learning_rate, weight_decay):
+    # learning_rate and weight_decay arrive as arrays (injected).
+    schedule = lambda count: learning_rate * shape(count)
+    return optax.chain(*clip, _method(opt, schedule, weight_decay, lora))
+
+  tx = optax.inject_hyperparams(build)(
+      learning_rate=opt.learning_rate, weight_decay=opt.weight_decay)
   if opt.skip_nonfinite:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_nonfinite)
   return tx
+
+
+def _method(opt, schedule, weight_decay, lora: bool):
+  """The unclipped transformation of ``opt.name``."""
+  adam_kwargs = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  anchored = dict(
+      anchor='zeros' if lora else 'params',
+      mask=None if opt.decay_head else not_head_mask,
+      anchor_dtype=opt.anchor_dtype or None,
+  )
+  if opt.name == 'adam':
+    return optax.adam(schedule, **adam_kwargs)
+  if opt.name == 'adamw':
+    return optax.adamw(schedule, weight_decay=weight_decay, **adam_kwargs)
+  if opt.name == 'l2sp':
+    return optax.chain(spd_optax.l2sp(weight_decay, **anchored),
+                       optax.adam(schedule, **adam_kwargs))
+  if opt.name == 'projection':
+    return spd_optax.projection_decay(
+        optax.adam(schedule, **adam_kwargs), weight_decay, **anchored)
+  # spd. Clipping rescales the gradient by a positive factor, which leaves
+  # SPD's test, the sign of <g, theta - theta0>, unchanged: it may come
+  # first, and SPD then wraps Adam alone (adamspd's leaf-by-leaf path).
+  return spd_optax.adamspd(schedule, weight_decay=weight_decay, **anchored,
+                           **adam_kwargs)
+
+
+_INJECTED = ('learning_rate', 'weight_decay')
+
+
+class Comparable(optax.GradientTransformationExtraArgs):
+  """A transformation equal to any other built from the same structure.
+
+  ``nnx.Optimizer`` keeps its transformation in the graph definition, which
+  keys ``nnx.jit``'s cache: two runs of a sweep would trace and compile the
+  same step twice. Their updates differ only in the injected values, which
+  are read from the state, so this compares ``key`` (the config without
+  them) instead of the functions' identities.
+  """
+
+  def __eq__(self, other):
+    return type(other) is Comparable and self.key == other.key
+
+  def __hash__(self):
+    return hash(self.key)
+
+
+def comparable(tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict, *, lora: bool) -> Comparable:
+  """``tx``, equal to the transformation of any config that differs from
+  ``config`` only in ``optimizer.learning_rate`` and ``weight_decay``.
+
+  Args:
+    tx: built from ``config`` (its ``optimizer``, ``num_train_steps``,
+      ``train_mode`` and ``lp_ft``) and ``lora`` only.
+    config: the run's config.
+    lora: as given to :func:`make_optimizer`.
+  """
+  opt = {k: v for k, v in json.loads(config.optimizer.to_json()).items()
+         if k not in _INJECTED}
+  key = json.dumps([opt, config.num_train_steps, config.get('train_mode'),
+                    json.loads(config.lp_ft.to_json()) if 'lp_ft' in config
+                    else None, lora], sort_keys=True)
+  out = Comparable(tx.init, tx.update)
+  out.key = key
+  return out
