@@ -30,6 +30,7 @@ from train import metrics as metrics_lib
 from train import models
 from train import optimizers
 from train import weights
+from train import zeroshot
 
 
 # -- Mesh and sharding --------------------------------------------------------
@@ -66,8 +67,13 @@ def shard_batch(batch: dict, mesh) -> dict:
 
 # -- Model and optimizer ------------------------------------------------------
 
-def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
-  """The ViT of ``config.model``, with pre-trained weights when given."""
+def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
+               workdir: str | None = None):
+  """The ViT of ``config.model``, with pre-trained weights when given.
+
+  With ``config.model.head_init='zeroshot'`` the head is CLIP's zero-shot
+  classifier (``train.zeroshot``; cached in ``workdir`` when given).
+  """
   kwargs = models.get_model_kwargs(config.model.name)
   kwargs.update(
       num_classes=config.model.num_classes,
@@ -81,7 +87,12 @@ def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     kwargs['lora_alpha'] = config.model.lora_alpha
   if config.model.dtype:  # Activations only: params stay float32.
     kwargs['dtype'] = jnp.dtype(config.model.dtype)
-  model = models.VisionTransformer(**kwargs, rngs=rngs)
+  if config.model.head_init not in ('', 'zeroshot'):
+    raise ValueError(f'config.model.head_init={config.model.head_init!r}:'
+                     " expected '' or 'zeroshot'.")
+  zero_shot = config.model.head_init == 'zeroshot'
+  model = models.VisionTransformer(**kwargs, normalize_features=zero_shot,
+                                   rngs=rngs)
   if config.pretrained.path:
     report = weights.load_pretrained(
         model,
@@ -89,6 +100,8 @@ def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
         dont_load=tuple(config.pretrained.dont_load),
     )
     logging.info('Loaded pre-trained weights: %s', report)
+  if zero_shot:
+    zeroshot.init_head(model, config, workdir)
   return model
 
 
@@ -217,7 +230,7 @@ def train_and_evaluate(
   input_pipeline.check_available(config.dataset)
 
   with jax.set_mesh(mesh):
-    model = make_model(config, nnx.Rngs(config.seed))
+    model = make_model(config, nnx.Rngs(config.seed), workdir)
     shard_module(model, mesh)
     wrt = trainable_filter(config)
     lora = config.model.lora_rank > 0
@@ -244,6 +257,10 @@ def train_and_evaluate(
 
   writer = metrics_lib.MetricWriter(workdir)
   writer.truncate_after(start_step)
+  if start_step == 0 and config.model.head_init == 'zeroshot':
+    writer.truncate_after(-1)  # Killed before its first save: start afresh.
+    with jax.set_mesh(mesh):  # Step 0 is zero-shot CLIP: log its accuracy.
+      writer.write(0, evaluate(model, config, mesh))
   train_iter: Iterator[dict] = input_pipeline.train_batches(
       config.dataset,
       global_batch_size=config.batch_size,
