@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import shutil
+from unittest import mock
 
 from flax import nnx
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
+from configs import common
 from configs import tiny
 from train import clip_text
 from train import metrics
@@ -181,14 +183,18 @@ def test_step_zero_of_a_run_is_the_zero_shot_mode(hf_clip, digits_data_dir,
   cache = os.path.join(workdir, zeroshot.CACHE_FILE)
   cached_at = os.stat(cache).st_mtime_ns
   # A run in the same workdir: its step-0 evaluation, from the cached head.
-  result = trainlib.run_train(workdir, digits_data_dir, *overrides[:-1],
-                              '--config.num_train_steps=2',
-                              '--config.eval_every_steps=2')
-  assert 'Zero-shot head read from' in result.stderr
+  config = _config(path, _class_file(tmp_path),
+                   templates=common.CLIP_TEMPLATES)  # As on the command line.
+  config.dataset.data_dir = digits_data_dir
+  config.num_train_steps = config.eval_every_steps = 2
+  with mock.patch.object(zeroshot, 'head_weights',
+                         side_effect=AssertionError('recomputed')):
+    train.train_and_evaluate(config, workdir, print_summary=False)
   assert os.stat(cache).st_mtime_ns == cached_at
   rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   step0 = {k: v for k, v in rows[0].items() if k != 'step'}
   assert rows[0]['step'] == 0 and step0 == zero_shot
+  assert rows[-1]['step'] == 2
 
 
 def test_bad_input_is_refused_by_name(hf_clip, digits_data_dir, tmp_path):
@@ -221,3 +227,21 @@ def test_bad_input_is_refused_by_name(hf_clip, digits_data_dir, tmp_path):
   config.dataset.data_dir = digits_data_dir
   with pytest.raises(ValueError, match='not words.*config.zeroshot.class_names'):
     zeroshot.class_names(config)
+  # A model that is not a CLIP image tower with a projection.
+  config = _config(path, _class_file(tmp_path))
+  config.model.name = 'mu/4'
+  with pytest.raises(ValueError, match="'mu/4' is not a CLIP image tower"):
+    train.make_model(config, nnx.Rngs(0))
+
+
+def test_class_names_from_readable_tfds_labels(tmp_path):
+  config = _config('unused', '')
+  config.dataset.num_classes = 3
+  label = mock.Mock(names=['aircraft_carrier', 'airplane', 'alarm_clock'])
+  builder = mock.Mock(info=mock.Mock(features={'label': label}))
+  with mock.patch('tensorflow_datasets.builder', return_value=builder):
+    assert zeroshot.class_names(config) == [
+        'aircraft carrier', 'airplane', 'alarm clock']  # DomainNet's style.
+    config.dataset.num_classes = 4
+    with pytest.raises(ValueError, match='3 label names but'):
+      zeroshot.class_names(config)

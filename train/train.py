@@ -91,6 +91,8 @@ def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
     raise ValueError(f'config.model.head_init={config.model.head_init!r}:'
                      " expected '' or 'zeroshot'.")
   zero_shot = config.model.head_init == 'zeroshot'
+  if zero_shot:
+    zeroshot.check_config(config)  # Before reading any weights.
   model = models.VisionTransformer(**kwargs, normalize_features=zero_shot,
                                    rngs=rngs)
   if config.pretrained.path:

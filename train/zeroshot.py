@@ -202,7 +202,6 @@ def cached_head_weights(config: ml_collections.ConfigDict,
 def init_head(model, config: ml_collections.ConfigDict,
               workdir: Optional[str] = None) -> None:
   """Sets ``model.head`` to CLIP's zero-shot classifier (``s W^T``, 0)."""
-  check_config(config)
   if not model.normalize_features:
     raise ValueError('The zero-shot head needs a model built with'
                      ' normalize_features=True.')
