@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset = ml_collections.ConfigDict()  # See train.input_pipeline.
   config.dataset.name = ''  # TFDS name, e.g. 'imagenet2012'.
   config.dataset.data_dir = ''  # TFDS data_dir; '' = TFDS's default.
+  config.dataset.tfds_module = ''  # Imported first: registers a custom builder.
+  config.dataset.prepare = False  # Prepare a missing set on first use
+  # (for sets TFDS builds without manual downloads, e.g. digits_domains).
   config.dataset.train_split = 'train'
   config.dataset.val_split = ''  # In-distribution validation (model selection).
   config.dataset.eval_split = 'validation'  # In-distribution test.
@@ -62,11 +65,27 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.augment.switch_prob = 0.5  # Mixup vs CutMix.
   config.dataset.augment.label_smoothing = 0.1
 
+  # What trains (train.lp_ft): 'full' fine-tuning; 'linear_probe' (the head
+  # only, backbone frozen); 'lp_ft': a linear probe for lp_ft.probe_steps,
+  # then num_train_steps of full fine-tuning from the probed head.
+  config.train_mode = 'full'
+  config.lp_ft = ml_collections.ConfigDict()
+  config.lp_ft.probe_steps = 0  # Stage 1 of 'lp_ft' (Adam on the head).
+  config.lp_ft.probe_learning_rate = 1e-3  # Its peak (warmup + cosine).
+
+  # WiSE-FT (train.wise_ft): at the end of a run, evaluate the weights
+  # (1 - alpha) * start + alpha * fine-tuned for each alpha; () = off.
+  config.wise_ft = ml_collections.ConfigDict()
+  config.wise_ft.alphas = ()
+
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'spd'  # 'adam', 'adamw', 'l2sp' or 'spd'.
+  # 'adam', 'adamw', 'l2sp', 'spd' or 'projection' (SPD's non-selective
+  # ablation: every layer projected at every step).
+  config.optimizer.name = 'spd'
   config.optimizer.learning_rate = 2e-5  # Peak of warmup + cosine.
   config.optimizer.warmup_steps = 500
-  config.optimizer.weight_decay = 1.0  # lambda of SPD / L2-SP, or AdamW's decay.
+  config.optimizer.weight_decay = 1.0  # lambda of SPD / L2-SP /
+  # projection, or AdamW's decay.
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8

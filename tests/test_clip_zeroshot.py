@@ -24,6 +24,7 @@ from train import clip_text
 from train import metrics
 from train import train
 from train import weights
+from train import wise_ft
 from train import zeroshot
 from tests import trainlib
 from tests.test_models_and_weights import _images, _randomize
@@ -159,7 +160,7 @@ def test_zero_shot_logits_match_transformers(hf_clip, tmp_path):
   assert np.ptp(expected) > 1.0  # The classes are told apart.
 
 
-def test_step_zero_of_a_run_is_the_zero_shot_mode(hf_clip, digits_data_dir,
+def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(hf_clip, digits_data_dir,
                                                    tmp_path):
   _, _, path = hf_clip
   workdir = str(tmp_path / 'run')
@@ -187,14 +188,23 @@ def test_step_zero_of_a_run_is_the_zero_shot_mode(hf_clip, digits_data_dir,
                    templates=common.CLIP_TEMPLATES)  # As on the command line.
   config.dataset.data_dir = digits_data_dir
   config.num_train_steps = config.eval_every_steps = 2
+  config.wise_ft.alphas = (0.0, 1.0)
   with mock.patch.object(zeroshot, 'head_weights',
                          side_effect=AssertionError('recomputed')):
-    train.train_and_evaluate(config, workdir, print_summary=False)
+    final = train.train_and_evaluate(config, workdir, print_summary=False)
+    # WiSE-FT on the finished run, as `python -m train.wise_ft` does.
+    by_alpha = wise_ft.run(workdir, [0.0])
   assert os.stat(cache).st_mtime_ns == cached_at
   rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   step0 = {k: v for k, v in rows[0].items() if k != 'step'}
   assert rows[0]['step'] == 0 and step0 == zero_shot
   assert rows[-1]['step'] == 2
+  # WiSE-FT's alpha 0 is the zero-shot model exactly; alpha 1 the fine-tuned.
+  for name, accuracy in zero_shot.items():
+    assert final[f'wise_ft/0.0/{name}'] == accuracy, name
+    assert final[f'wise_ft/1.0/{name}'] == final[name], name
+  assert by_alpha[0.0] == zero_shot
+  assert any(final[k] != zero_shot[k] for k in zero_shot)  # It trained.
 
 
 def test_bad_input_is_refused_by_name(hf_clip, digits_data_dir, tmp_path):

@@ -19,10 +19,18 @@ mixture    every digit in every domain above (8x the examples)
 =========  ===================================================================
 
 Splits are fixed (seed 0) and disjoint by digit, the same in every domain:
-``pretrain`` (700 digits: for a "foundation" model), ``train`` (400: for
-fine-tuning), ``validation`` (247: model selection) and ``test`` (450). The
+``pretrain`` (697 digits: for a "foundation" model), ``train`` (400: for
+fine-tuning), ``validation`` (300: model selection) and ``test`` (400). The
 random parts of a domain (an angle, a colour) are seeded by the digit's index,
-so every build is identical.
+so every build is identical. Each example also carries that ``index``, so
+that the renders of one digit in several domains can be told apart from
+another digit's (views of one instance, for self-supervised pre-training).
+
+Importing this module registers the builder with TFDS, as any TFDS dataset
+module does: ``tfds.builder('digits_domains/rotate', data_dir=...)`` then
+prepares it without downloading anything. The input pipeline does so on first
+use when ``config.dataset.tfds_module = 'train.digits_domains'`` and
+``config.dataset.prepare = True``.
 
     >>> import tempfile
     >>> import tensorflow_datasets as tfds
@@ -32,7 +40,7 @@ so every build is identical.
     >>> ds = tfds.data_source('digits_domains/rotate', split='test',
     ...                       data_dir=data_dir)
     >>> len(ds), ds[0]['image'].shape
-    (450, (32, 32, 3))
+    (400, (32, 32, 3))
 
 Written as ``array_record`` files with ``Tensor`` features, so neither
 building nor reading needs TensorFlow.
@@ -48,7 +56,7 @@ import tensorflow_datasets as tfds
 IMAGE_SIZE = 32
 SHIFTS = ('rotate', 'invert', 'noise', 'blur', 'thick', 'color', 'small')
 DOMAINS = ('clean',) + SHIFTS
-SPLIT_SIZES = {'pretrain': 700, 'train': 400, 'validation': 247, 'test': 450}
+SPLIT_SIZES = {'pretrain': 697, 'train': 400, 'validation': 300, 'test': 400}
 
 
 def split_indices() -> dict[str, np.ndarray]:
@@ -105,8 +113,9 @@ def render(digit: np.ndarray, domain: str, index: int) -> np.ndarray:
 class DigitsDomains(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's handwritten digits in shifted domains (see module doc)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '2.0.0': 'Validation of 300 digits; an index feature.'}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name=d, description=f'Digits, {d} domain.')
       for d in DOMAINS + ('mixture',)
@@ -119,6 +128,7 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
                 shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
             'label': tfds.features.ClassLabel(num_classes=10),
             'domain': tfds.features.ClassLabel(names=list(DOMAINS)),
+            'index': tfds.features.Scalar(dtype=np.int32),  # Of the digit.
         }),
         supervised_keys=('image', 'label'),
         homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html',
@@ -140,6 +150,7 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
             'image': render(digits.images[i], domain, int(i)),
             'label': int(digits.target[i]),
             'domain': domain,
+            'index': int(i),
         }
 
 

@@ -13,12 +13,17 @@ with ``grain``:
 - Evaluation: resize and centre crop, the last batch padded, with a ``mask``
   that marks the real examples.
 
-``digits_domains/*`` (``train.digits_domains``) is built on first use; any
-other set must already be prepared in ``config.dataset.data_dir`` (e.g.
-``tfds build imagenet2012 --file_format=array_record --data_dir=...``).
+A set must be prepared in ``config.dataset.data_dir`` (e.g. ``tfds build
+imagenet2012 --file_format=array_record --data_dir=...``), or be one that
+TFDS can prepare by itself, such as ``digits_domains`` (registered by
+importing ``config.dataset.tfds_module``): with ``config.dataset.prepare`` it
+is prepared on first use.
 """
 
+import contextlib
 import functools
+import importlib
+import io
 import os
 from typing import Any, Iterator
 
@@ -36,49 +41,73 @@ def _data_dir(dataset: ml_collections.ConfigDict):
   return os.path.expanduser(dataset.data_dir) if dataset.data_dir else None
 
 
-def _ensure_prepared(name: str, data_dir) -> None:
-  """Builds ``digits_domains`` sets; checks that any other set is there."""
-  if name.startswith('digits_domains'):
-    from train import digits_domains  # pylint: disable=g-import-not-at-top
-    config = name.split('/')[1] if '/' in name else 'clean'
-    digits_domains.build(
-        data_dir or os.path.expanduser('~/tensorflow_datasets'),
-        configs=(config.split(':')[0],))
-    return
+def _ensure_prepared(name: str, data_dir, *, module: str = '',
+                     prepare: bool = False) -> None:
+  """Checks that a set is prepared; prepares it first when allowed.
+
+  Args:
+    name: the TFDS name, e.g. ``'imagenet2012'`` or ``'digits_domains/rotate'``.
+    data_dir: the TFDS data_dir (None: TFDS's default).
+    module: a module to import first, which registers the set's TFDS builder
+      (``config.dataset.tfds_module``); '' for TFDS's own sets.
+    prepare: run the builder's ``download_and_prepare`` (``array_record``
+      files) when the set is missing (``config.dataset.prepare``): for sets
+      that need no manual download, such as ``digits_domains``.
+  """
+  if module:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ValueError(
+          f'config.dataset.tfds_module={module!r} cannot be imported: {e}'
+      ) from e
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir,
+                           file_format='array_record')
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
-        f'TFDS does not know the dataset {name!r} (config.dataset): {e}'
+        f'TFDS does not know the dataset {name!r} (config.dataset; a set'
+        f' defined in your own module needs config.dataset.tfds_module): {e}'
     ) from e
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f'Dataset {name!r} is not prepared in data_dir'
-        f' {builder.data_dir_root!r} (config.dataset.data_dir). Prepare it'
-        f' with: tfds build {name.split("/")[0]} --file_format=array_record'
-        f' --data_dir={builder.data_dir_root}'
-    )
+  if builder.is_prepared():
+    return
+  if prepare:
+    # TFDS prints its progress to stdout; keep stdout for the caller.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare()
+    return
+  raise FileNotFoundError(
+      f'Dataset {name!r} is not prepared in data_dir'
+      f' {builder.data_dir_root!r} (config.dataset.data_dir). Prepare it'
+      f' with: tfds build {name.split("/")[0]} --file_format=array_record'
+      f' --data_dir={builder.data_dir_root}, or set'
+      ' config.dataset.prepare=True to prepare it on first use.'
+  )
 
 
-def source(name: str, split: str, data_dir, *, cache: bool = False) -> Any:
+def source(name: str, split: str, dataset: ml_collections.ConfigDict) -> Any:
   """A random-access TFDS data source (``len`` and ``[i]``).
 
-  With ``cache``, the decoded examples are kept in memory (for small sets:
-  the demo's digits), shared by every later call in the process.
+  Reads ``dataset.data_dir``, ``tfds_module`` and ``prepare`` (see
+  :func:`_ensure_prepared`). With ``dataset.cache_in_memory``, the decoded
+  examples are kept in memory (for small sets: the demo's digits), shared by
+  every later call in the process.
   """
-  if cache:
-    return _cached_source(name, split, data_dir)
-  return _source(name, split, data_dir)
+  args = (name, split, _data_dir(dataset), dataset.get('tfds_module', ''),
+          bool(dataset.get('prepare', False)))
+  if dataset.cache_in_memory:
+    return _cached_source(*args)
+  return _source(*args)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_source(name: str, split: str, data_dir) -> list:
-  src = _source(name, split, data_dir)
+def _cached_source(*args) -> list:
+  src = _source(*args)
   return list(src.__getitems__(range(len(src))))
 
 
-def _source(name: str, split: str, data_dir) -> Any:
-  _ensure_prepared(name, data_dir)
+def _source(name: str, split: str, data_dir, module: str, prepare: bool):
+  _ensure_prepared(name, data_dir, module=module, prepare=prepare)
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir,
                             download=False)
@@ -107,10 +136,9 @@ def eval_sets(dataset: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
 
 def check_available(dataset: ml_collections.ConfigDict) -> None:
   """Fails before any training if a set or split is missing."""
-  data_dir = _data_dir(dataset)
   for name, split in [(dataset.name, dataset.train_split)] + list(
       eval_sets(dataset).values()):
-    source(name, split, data_dir)
+    source(name, split, dataset)
 
 
 # -- Preprocessing ------------------------------------------------------------
@@ -248,8 +276,7 @@ def train_batches(
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   local = _local_batch_size(global_batch_size, pc)
-  src = source(dataset.name, dataset.train_split, _data_dir(dataset),
-               cache=dataset.cache_in_memory)
+  src = source(dataset.name, dataset.train_split, dataset)
   ds = (
       grain.MapDataset.source(src)
       .seed(seed)
@@ -283,7 +310,7 @@ def eval_batches(
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   local = _local_batch_size(global_batch_size, pc)
-  src = source(name, split, _data_dir(dataset), cache=dataset.cache_in_memory)
+  src = source(name, split, dataset)
   n = len(src)
   padded = -(-n // global_batch_size) * global_batch_size
   ds = (

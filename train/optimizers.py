@@ -9,6 +9,12 @@ clipping, so that ablations differ in one line of config:
 - ``l2sp``: Adam on the loss plus ``lambda/2 ||theta - theta0||^2``.
 - ``spd``: Adam-SPD. Full fine-tuning anchors at the weights the optimizer is
   built from (the loaded pre-trained weights); with LoRA the anchor is zero.
+- ``projection``: the paper's ablation, SPD's projection applied to every
+  layer at every step (no selection), around the same Adam.
+
+The peak learning rate and ``weight_decay`` are injected hyperparameters
+(``optax.inject_hyperparams``): they live in the optimizer state as arrays,
+so runs that differ only in them (a sweep) compile to the same program.
 
 A new head has no pre-trained weights to return to: ``decay_head=False``
 leaves it out of L2-SP and SPD (plain Adam), as the paper's code would need a
@@ -23,19 +29,25 @@ import optax
 
 import spd_optax
 
-METHODS = ('adam', 'adamw', 'l2sp', 'spd')
+METHODS = ('adam', 'adamw', 'l2sp', 'spd', 'projection')
+
+
+def schedule_shape(warmup_steps: int, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to 1, then cosine decay to 0 at ``num_steps``."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=1.0,
+      warmup_steps=min(warmup_steps, max(num_steps - 1, 0)),
+      decay_steps=max(num_steps, 1),
+      end_value=0.0,
+  )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to ``learning_rate``, then cosine decay to 0."""
   opt = config.optimizer
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=opt.learning_rate,
-      warmup_steps=min(opt.warmup_steps, max(config.num_train_steps - 1, 0)),
-      decay_steps=max(config.num_train_steps, 1),
-      end_value=0.0,
-  )
+  shape = schedule_shape(opt.warmup_steps, config.num_train_steps)
+  return lambda count: opt.learning_rate * shape(count)
 
 
 def not_head_mask(params: Any) -> Any:
@@ -64,46 +76,45 @@ def make_optimizer(
     raise ValueError(
         f'config.optimizer.name={opt.name!r} is not one of {METHODS}.'
     )
-  schedule = learning_rate_schedule(config)
-  adam_kwargs = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
-  anchor = 'zeros' if lora else 'params'
-  mask = None if opt.decay_head else not_head_mask
-  anchor_dtype = opt.anchor_dtype or None
+  shape = schedule_shape(opt.warmup_steps, config.num_train_steps)
   clip = (
       [optax.clip_by_global_norm(opt.grad_clip_norm)]
       if opt.grad_clip_norm
       else []
   )
-  if opt.name == 'adam':
-    tx = optax.chain(*clip, optax.adam(schedule, **adam_kwargs))
-  elif opt.name == 'adamw':
-    tx = optax.chain(
-        *clip,
-        optax.adamw(schedule, weight_decay=opt.weight_decay, **adam_kwargs),
-    )
-  elif opt.name == 'l2sp':
-    tx = optax.chain(
-        *clip,
-        spd_optax.l2sp(
-            opt.weight_decay, anchor=anchor, mask=mask, anchor_dtype=anchor_dtype
-        ),
-        optax.adam(schedule, **adam_kwargs),
-    )
-  else:  # spd
-    # Clipping rescales the gradient by a positive factor, which leaves SPD's
-    # test, the sign of <g, theta - theta0>, unchanged: it may come first,
-    # and SPD then wraps Adam alone (adamspd's leaf-by-leaf path).
-    tx = optax.chain(
-        *clip,
-        spd_optax.adamspd(
-            schedule,
-            weight_decay=opt.weight_decay,
-            anchor=anchor,
-            mask=mask,
-            anchor_dtype=anchor_dtype,
-            **adam_kwargs,
-        ),
-    )
+
+  def build(learning_rate, weight_decay):
+    # learning_rate and weight_decay arrive as arrays (injected).
+    schedule = lambda count: learning_rate * shape(count)
+    return optax.chain(*clip, _method(opt, schedule, weight_decay, lora))
+
+  tx = optax.inject_hyperparams(build)(
+      learning_rate=opt.learning_rate, weight_decay=opt.weight_decay)
   if opt.skip_nonfinite:
     tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_nonfinite)
   return tx
+
+
+def _method(opt, schedule, weight_decay, lora: bool):
+  """The unclipped transformation of ``opt.name``."""
+  adam_kwargs = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  anchored = dict(
+      anchor='zeros' if lora else 'params',
+      mask=None if opt.decay_head else not_head_mask,
+      anchor_dtype=opt.anchor_dtype or None,
+  )
+  if opt.name == 'adam':
+    return optax.adam(schedule, **adam_kwargs)
+  if opt.name == 'adamw':
+    return optax.adamw(schedule, weight_decay=weight_decay, **adam_kwargs)
+  if opt.name == 'l2sp':
+    return optax.chain(spd_optax.l2sp(weight_decay, **anchored),
+                       optax.adam(schedule, **adam_kwargs))
+  if opt.name == 'projection':
+    return spd_optax.projection_decay(
+        optax.adam(schedule, **adam_kwargs), weight_decay, **anchored)
+  # spd. Clipping rescales the gradient by a positive factor, which leaves
+  # SPD's test, the sign of <g, theta - theta0>, unchanged: it may come
+  # first, and SPD then wraps Adam alone (adamspd's leaf-by-leaf path).
+  return spd_optax.adamspd(schedule, weight_decay=weight_decay, **anchored,
+                           **adam_kwargs)

@@ -26,10 +26,12 @@ import tqdm
 import spd_optax
 from train import checkpoints
 from train import input_pipeline
+from train import lp_ft
 from train import metrics as metrics_lib
 from train import models
 from train import optimizers
 from train import weights
+from train import wise_ft
 from train import zeroshot
 
 
@@ -234,9 +236,10 @@ def train_and_evaluate(
   with jax.set_mesh(mesh):
     model = make_model(config, nnx.Rngs(config.seed), workdir)
     shard_module(model, mesh)
-    wrt = trainable_filter(config)
+    # A linear probe trains the head only; LP-FT probes, then fine-tunes.
+    wrt = lp_ft.trainable_filter(config, trainable_filter(config))
     lora = config.model.lora_rank > 0
-    tx = optimizers.make_optimizer(config, lora=lora)
+    tx = lp_ft.make_optimizer(config, lora=lora)
     # Built after the weights are loaded: the anchor is the pre-trained model.
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     anchor_params = None
@@ -269,39 +272,43 @@ def train_and_evaluate(
       seed=config.seed,
       start_step=start_step,
   )
-  schedule = optimizers.learning_rate_schedule(config)
   root_key = jax.random.key(config.seed + 1)
   eval_results: dict[str, float] = {}
+  total_steps = lp_ft.total_steps(config)  # LP-FT: probe + fine-tuning.
   progress = tqdm.tqdm(
-      total=config.num_train_steps, initial=start_step, desc='train',
+      total=total_steps, initial=start_step, desc='train',
       disable=not config.progress_bar or jax.process_index() != 0,
   )
   window_start, window_images = time.perf_counter(), 0
-  last_step = config.num_train_steps
+  last_step = total_steps
   if config.max_steps_per_run > 0:
     last_step = min(last_step, start_step + config.max_steps_per_run)
   with jax.set_mesh(mesh):
+    if start_step == lp_ft.start_step(config):  # For WiSE-FT.
+      wise_ft.save_start(workdir, model)
     for step in range(start_step + 1, last_step + 1):
       batch = shard_batch(next(train_iter), mesh)
       out = train_step(model, optimizer, batch,
                        jax.random.fold_in(root_key, step), anchor_params)
       window_images += config.batch_size
+      if step == lp_ft.start_step(config):  # LP-FT's probed model.
+        wise_ft.save_start(workdir, model)
       is_log_step = (step % config.log_every_steps == 0
-                     or step == config.num_train_steps)
+                     or step == total_steps)
       is_checkpoint_step = (step % config.checkpoint_every_steps == 0
-                            or step == last_step)
+                            or step in (last_step, lp_ft.start_step(config)))
       if is_log_step or is_checkpoint_step:  # No checkpoint may hold NaNs.
         out = jax.device_get(out)
         _check_finite(out, step, config, workdir)
       if is_log_step:
         elapsed = time.perf_counter() - window_start
-        out['train/learning_rate'] = schedule(step - 1)
+        out['train/learning_rate'] = lp_ft.learning_rate(config, step)
         out['train/images_per_second'] = window_images / max(elapsed, 1e-9)
         writer.write(step, out)
         progress.set_postfix(loss=f'{out["train/loss"]:.3f}',
                              img_s=f'{out["train/images_per_second"]:.0f}')
         window_start, window_images = time.perf_counter(), 0
-      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+      if step % config.eval_every_steps == 0 or step == total_steps:
         eval_results = evaluate(model, config, mesh)
         writer.write(step, eval_results)
       if is_checkpoint_step:
@@ -309,12 +316,17 @@ def train_and_evaluate(
                   nnx.as_pure(nnx.state(optimizer)), {'step': step})
       progress.update(1)
   progress.close()
-  if last_step < config.num_train_steps:
+  if last_step < total_steps:
     logging.info('Stopped after step %d (config.max_steps_per_run); run the'
                  ' same command to continue.', last_step)
-  elif not eval_results:  # Resumed a finished run: evaluate what is there.
+  else:
     with jax.set_mesh(mesh):
-      eval_results = evaluate(model, config, mesh)
+      if not eval_results:  # Resumed a finished run: evaluate what is there.
+        eval_results = evaluate(model, config, mesh)
+      if config.wise_ft.alphas:
+        eval_results.update(wise_ft.evaluate_alphas(
+            model, workdir, config.wise_ft.alphas,
+            lambda m: evaluate(m, config, mesh)))
   ckpt.close()
   writer.close()
   if print_summary and jax.process_index() == 0:
