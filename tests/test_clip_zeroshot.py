@@ -255,3 +255,26 @@ def test_class_names_from_readable_tfds_labels(tmp_path):
     config.dataset.num_classes = 4
     with pytest.raises(ValueError, match='3 label names but'):
       zeroshot.class_names(config)
+
+
+def test_head_cache_is_reused_and_recomputed_when_stale(hf_clip, tmp_path):
+  _, _, path = hf_clip
+  config = _config(path, _class_file(tmp_path))
+  head = (np.eye(10, 16, dtype=np.float32), 50.0)
+  with mock.patch.object(zeroshot, 'head_weights',
+                         return_value=head) as compute:
+    for _ in range(2):  # Computed once, then read.
+      w, scale = zeroshot.cached_head_weights(config, str(tmp_path))
+    assert compute.call_count == 1
+    np.testing.assert_array_equal(w, head[0])
+    assert scale == 50.0
+    config.zeroshot.templates = ('a {}.',)  # Other prompts: recomputed.
+    zeroshot.cached_head_weights(config, str(tmp_path))
+    assert compute.call_count == 2
+    with open(tmp_path / zeroshot.CACHE_FILE, 'r+b') as f:
+      f.truncate(100)  # A damaged cache is never used.
+    zeroshot.cached_head_weights(config, str(tmp_path))
+    assert compute.call_count == 3
+  with pytest.raises(FileNotFoundError, match='tokenizer.json'):
+    config.zeroshot.tokenizer = str(tmp_path / 'tokenizer.json')
+    zeroshot.cached_head_weights(config, str(tmp_path / 'other'))

@@ -33,6 +33,7 @@ Zero-shot evaluation, on the ID split and every OOD set of a config::
 prints the accuracies and writes them to ``WORKDIR/zeroshot.json``.
 """
 
+import glob
 import hashlib
 import json
 import logging
@@ -156,11 +157,22 @@ def head_weights(config: ml_collections.ConfigDict
 
 def _fingerprint(config: ml_collections.ConfigDict) -> str:
   """What the head depends on: checkpoint, tokenizer, names, prompts."""
-  key = dict(pretrained=os.path.abspath(config.pretrained.path),
-             tokenizer=os.path.abspath(tokenizer_path(config)),
-             class_names=config.zeroshot.class_names,
-             dataset=config.dataset.name,
-             templates=list(config.zeroshot.templates))
+  def digest(f):  # Small text files by content.
+    if not os.path.isfile(f):
+      return None  # head_weights names the missing file.
+    with open(f, 'rb') as fh:
+      return hashlib.sha256(fh.read()).hexdigest()
+  path = config.pretrained.path
+  checkpoint = [path] if os.path.isfile(path) else sorted(
+      glob.glob(os.path.join(path, '*.safetensors')))
+  key = dict(
+      checkpoint={os.path.abspath(f): [os.stat(f).st_size,
+                                       os.stat(f).st_mtime_ns]
+                  for f in checkpoint},
+      tokenizer=digest(tokenizer_path(config)),
+      class_names=(digest(os.path.expanduser(config.zeroshot.class_names))
+                   if config.zeroshot.class_names else config.dataset.name),
+      templates=list(config.zeroshot.templates))
   return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -171,8 +183,9 @@ def _read_cache(path: str, fingerprint: str):
     with np.load(path) as z:
       if str(z['fingerprint']) == fingerprint:
         return np.asarray(z['weights']), float(z['logit_scale'])
-    logging.warning('%s was computed for another checkpoint, class names or'
-                    ' templates: recomputing it.', path)
+    logging.warning('%s was computed for another (or a changed) checkpoint,'
+                    ' tokenizer, class names or templates: recomputing it.',
+                    path)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('%s is unreadable (%s): recomputing it.', path, e)
   return None
