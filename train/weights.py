@@ -428,7 +428,8 @@ def load_text_tower(path: str, *, eot_token_id: int,
   theirs = from_hf_clip_text(src)
   vocab_size, width = theirs['token_embedding/embedding'][0].shape
   mlp_dim = theirs['blocks/0/mlp/fc1/kernel'][0].shape[1]
-  tower = clip_text.TextTransformer(
+  # Built abstractly (no random init), then every leaf set from the file.
+  tower = nnx.eval_shape(lambda: clip_text.TextTransformer(
       vocab_size=vocab_size,
       context_length=theirs['pos_embedding'][0].shape[0],
       width=width,
@@ -436,8 +437,8 @@ def load_text_tower(path: str, *, eot_token_id: int,
       mlp_dim=mlp_dim,
       projection_dim=theirs['projection/kernel'][0].shape[1],
       eot_token_id=eot_token_id, dtype=dtype, rngs=nnx.Rngs(0),
-      **_text_config(path, width))
-  state = nnx.state(tower, nnx.Param)
+      **_text_config(path, width)))
+  state = nnx.state(tower)
   for leaf_path, var in nnx.to_flat_state(state):
     name = '/'.join(str(k) for k in leaf_path)
     if name not in theirs:
