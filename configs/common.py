@@ -2,6 +2,18 @@
 
 import ml_collections
 
+# CLIP's 7-prompt subset of its 80 ImageNet templates (OpenAI's notebook
+# Prompt_Engineering_for_ImageNet.ipynb): a sensible default for any dataset.
+CLIP_TEMPLATES = (
+    'itap of a {}.',
+    'a bad photo of the {}.',
+    'a origami {}.',
+    'a photo of the large {}.',
+    'a {} in a video game.',
+    'art of the {}.',
+    'a photo of the small {}.',
+)
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with one comment each."""
@@ -17,10 +29,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.lora_alpha = 0.0  # LoRA scale numerator; 0 = the rank.
   config.model.dtype = ''  # Activations, e.g. 'bfloat16' on GPU/TPU; '' = f32.
   config.model.param_dtype = 'float32'  # 'float64' needs JAX_ENABLE_X64=1.
+  config.model.head_init = ''  # 'zeroshot' (CLIP): CLIP's zero-shot head; '' = zeros.
 
   config.pretrained = ml_collections.ConfigDict()
   config.pretrained.path = ''  # HF folder / .safetensors / .npz; '' = random init.
   config.pretrained.dont_load = ('head',)  # Regexes of params kept fresh.
+
+  config.zeroshot = ml_collections.ConfigDict()  # See train.zeroshot.
+  config.zeroshot.class_names = ''  # File, one name a line; '' = TFDS label names.
+  config.zeroshot.templates = CLIP_TEMPLATES  # Prompts; '{}' is the class name.
+  config.zeroshot.tokenizer = ''  # tokenizer.json; '' = pretrained.path's.
 
   config.dataset = ml_collections.ConfigDict()  # See train.input_pipeline.
   config.dataset.name = ''  # TFDS name, e.g. 'imagenet2012'.

@@ -2,12 +2,15 @@ r"""PEFT: LoRA adapters on CLIP ViT-B/16 for ImageNet, with SPD at anchor 0.
 
     python -m train --config configs/imagenet_clip_lora.py --workdir runs/lora
     # Plain LoRA (no SPD):  --config.optimizer.name=adam
+    python -m train.wise_ft --workdir runs/lora   # WiSE-FT from zero-shot
 
 Everything as ``configs/imagenet_clip.py`` (data, weights, OOD sets), but the
 pre-trained weights stay frozen: only rank-16 LoRA factors on every attention
-and MLP projection, and the new head, are trained. SPD's anchor is zero
-(nothing stored), so it pulls back the adapters whose growth is inconsistent
-with the loss, as the paper does for its LoRA experiments. The learning rate
+and MLP projection, and the head, are trained. The head starts as CLIP's
+zero-shot classifier (zero-shot evaluation: that config's command), so
+WiSE-FT interpolates from zero-shot CLIP. SPD's anchor is zero (nothing
+stored), so it pulls back the adapters whose growth is inconsistent with the
+loss, as the paper does for its LoRA experiments. The learning rate
 is LoRA's usual, higher one; this setting is ours, not a row of the paper.
 """
 

@@ -62,6 +62,8 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
                         patch_size=4),
     'xs/8': ModelConfig(width=64, depth=4, mlp_dim=128, num_heads=4,
                         patch_size=8),
+    'clip-mu/4': ModelConfig(width=32, depth=2, mlp_dim=64, num_heads=2,
+                             patch_size=4, variant='clip', projection_dim=16),
     # The ViT family (Dosovitskiy et al.; Steiner et al.).
     'ti/16': ModelConfig(width=192, depth=12, mlp_dim=768, num_heads=3,
                          patch_size=16),
@@ -231,6 +233,8 @@ class VisionTransformer(nnx.Module):
     lora_rank, lora_alpha: LoRA adapters on every attention and MLP
       projection when the rank is > 0.
     layer_norm_eps: defaults to 1e-6 (ViT) or 1e-5 (CLIP).
+    normalize_features: L2-normalise the feature before the head (CLIP's
+      zero-shot classifier: cosine similarity, scale in the head's kernel).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` = the params'.
     param_dtype: dtype of every param: float32 (default) or, with
       ``jax_enable_x64``, float64.
@@ -243,7 +247,8 @@ class VisionTransformer(nnx.Module):
                pool: str = 'cls', drop_path_rate: float = 0.0,
                lora_rank: int = 0, lora_alpha: float = 0.0,
                layer_norm_eps: Optional[float] = None, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, normalize_features: bool = False,
+               rngs: nnx.Rngs):
     if variant not in ('vit', 'clip'):
       raise ValueError(f"variant={variant!r}: expected 'vit' or 'clip'.")
     if pool not in ('cls', 'mean'):
@@ -260,7 +265,7 @@ class VisionTransformer(nnx.Module):
     clip = variant == 'clip'
     eps = layer_norm_eps or (1e-5 if clip else 1e-6)
     self.variant, self.pool, self.patch_size = variant, pool, patch_size
-    self.dtype = dtype
+    self.dtype, self.normalize_features = dtype, normalize_features
     self.embedding = nnx.Conv(
         3, width, (patch_size, patch_size), strides=patch_size,
         padding='VALID', use_bias=not clip, dtype=dtype,
@@ -329,4 +334,7 @@ class VisionTransformer(nnx.Module):
                dropout_key: Optional[jax.Array] = None) -> jax.Array:
     """Logits (or the feature when there is no head) of NHWC images."""
     x = self.features(images, train=train, dropout_key=dropout_key)
+    if self.normalize_features:  # In float32, whatever the dtype.
+      f = x.astype(jnp.float32)
+      x = (f / jnp.linalg.norm(f, axis=-1, keepdims=True)).astype(x.dtype)
     return self.head(x) if self.head is not None else x

@@ -37,6 +37,7 @@ from train import preemption as preemption_lib
 from train import weights
 from train import wise_ft
 from train import workdir_lock
+from train import zeroshot
 
 
 # -- Mesh and sharding --------------------------------------------------------
@@ -73,8 +74,13 @@ def shard_batch(batch: dict, mesh) -> dict:
 
 # -- Model and optimizer ------------------------------------------------------
 
-def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
-  """The ViT of ``config.model``, with pre-trained weights when given."""
+def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
+               workdir: str | None = None):
+  """The ViT of ``config.model``, with pre-trained weights when given.
+
+  With ``config.model.head_init='zeroshot'`` the head is CLIP's zero-shot
+  classifier (``train.zeroshot``; cached in ``workdir`` when given).
+  """
   kwargs = models.get_model_kwargs(config.model.name)
   kwargs.update(
       num_classes=config.model.num_classes,
@@ -89,7 +95,14 @@ def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
   if config.model.dtype:  # Activations only: params keep param_dtype.
     kwargs['dtype'] = jnp.dtype(config.model.dtype)
   kwargs['param_dtype'] = jnp.dtype(config.model.param_dtype)
-  model = models.VisionTransformer(**kwargs, rngs=rngs)
+  if config.model.head_init not in ('', 'zeroshot'):
+    raise ValueError(f'config.model.head_init={config.model.head_init!r}:'
+                     " expected '' or 'zeroshot'.")
+  zero_shot = config.model.head_init == 'zeroshot'
+  if zero_shot:
+    zeroshot.check_config(config)  # Before reading any weights.
+  model = models.VisionTransformer(**kwargs, normalize_features=zero_shot,
+                                   rngs=rngs)
   if config.pretrained.path:
     report = weights.load_pretrained(
         model,
@@ -97,6 +110,8 @@ def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
         dont_load=tuple(config.pretrained.dont_load),
     )
     logging.info('Loaded pre-trained weights: %s', report)
+  if zero_shot:
+    zeroshot.init_head(model, config, workdir)
   return model
 
 
@@ -255,7 +270,7 @@ def _train_and_evaluate(config, workdir, preemption, cleanup, print_summary):
   input_pipeline.check_available(config.dataset)
 
   with jax.set_mesh(mesh):
-    model = make_model(config, nnx.Rngs(config.seed))
+    model = make_model(config, nnx.Rngs(config.seed), workdir)
     shard_module(model, mesh)
     # A linear probe trains the head only; LP-FT probes, then fine-tunes.
     wrt = lp_ft.trainable_filter(config, trainable_filter(config))
@@ -284,6 +299,10 @@ def _train_and_evaluate(config, workdir, preemption, cleanup, print_summary):
 
   writer = metrics_lib.MetricWriter(workdir)
   writer.truncate_after(start_step)
+  if start_step == 0 and config.model.head_init == 'zeroshot':
+    writer.truncate_after(-1)  # Killed before its first save: start afresh.
+    with jax.set_mesh(mesh):  # Step 0 is zero-shot CLIP: log its accuracy.
+      writer.write(0, evaluate(model, config, mesh))
   train_iter: Iterator[dict] = input_pipeline.train_batches(
       config.dataset,
       global_batch_size=config.batch_size,

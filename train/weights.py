@@ -6,7 +6,8 @@
   ``ViTForImageClassification`` (``vit.*`` / ``embeddings.*`` names),
   ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` or a whole
   ``CLIPModel`` (``vision_model.*``, ``visual_projection``; the text tower is
-  ignored); sharded folders (``model-0000x-of-0000y.safetensors``) too;
+  read apart, by ``load_text_tower``, for the zero-shot head); sharded
+  folders (``model-0000x-of-0000y.safetensors``) too;
 - an original ViT / big_vision ``.npz`` (``Transformer/encoderblock_0/...``,
   or big_vision's scanned ``Transformer/encoderblock/...`` with a leading
   layer axis),
@@ -22,6 +23,7 @@ round-trip through the format big_vision and ``timm`` read.
 """
 
 import glob
+import json
 import logging
 import os
 import re
@@ -137,6 +139,21 @@ def from_hf_vit(src: dict) -> dict:
   return out
 
 
+def _clip_blocks(src: dict, out: dict) -> None:
+  """A CLIP tower's ``encoder.layers.i.*`` -> our ``blocks/i/*``."""
+  layers = {int(m.group(1)) for k in src
+            if (m := re.match(r'encoder\.layers\.(\d+)\.', k))}
+  for i in sorted(layers):
+    p, b = f'encoder.layers.{i}.', f'blocks/{i}/'
+    for theirs, ours in (('q', 'query'), ('k', 'key'), ('v', 'value'),
+                         ('out', 'out')):
+      _linear(p + f'self_attn.{theirs}_proj', b + f'attn/{ours}', out, src)
+    _linear(p + 'mlp.fc1', b + 'mlp/fc1', out, src)
+    _linear(p + 'mlp.fc2', b + 'mlp/fc2', out, src)
+    _norm(p + 'layer_norm1', b + 'norm1', out, src)
+    _norm(p + 'layer_norm2', b + 'norm2', out, src)
+
+
 def from_hf_clip(src: dict) -> dict:
   """``transformers`` CLIP vision names -> ours (the text tower ignored)."""
   src = _strip(src)
@@ -149,17 +166,7 @@ def from_hf_clip(src: dict) -> dict:
   w = e + 'patch_embedding.weight'
   out['embedding/kernel'] = (src[w].transpose(2, 3, 1, 0), w)
   _norm('pre_layrnorm', 'pre_norm', out, src)  # (sic) transformers' name.
-  layers = {int(m.group(1)) for k in src
-            if (m := re.match(r'encoder\.layers\.(\d+)\.', k))}
-  for i in sorted(layers):
-    p, b = f'encoder.layers.{i}.', f'blocks/{i}/'
-    for theirs, ours in (('q', 'query'), ('k', 'key'), ('v', 'value'),
-                         ('out', 'out')):
-      _linear(p + f'self_attn.{theirs}_proj', b + f'attn/{ours}', out, src)
-    _linear(p + 'mlp.fc1', b + 'mlp/fc1', out, src)
-    _linear(p + 'mlp.fc2', b + 'mlp/fc2', out, src)
-    _norm(p + 'layer_norm1', b + 'norm1', out, src)
-    _norm(p + 'layer_norm2', b + 'norm2', out, src)
+  _clip_blocks(src, out)
   _norm('post_layernorm', 'encoder_norm', out, src)
   _linear('visual_projection', 'projection', out, src)
   return out
@@ -364,3 +371,98 @@ def save_npz(model, path: str) -> None:
   tmp = path + '.tmp.npz'
   np.savez(tmp, **out)
   os.replace(tmp, path)
+
+
+# -- CLIP's text tower (for the zero-shot head) -------------------------------
+
+
+def from_hf_clip_text(src: dict) -> dict:
+  """``transformers`` CLIP text names -> ``train.clip_text``'s."""
+  src = {k.removeprefix('text_model.'): v for k, v in src.items()
+         if k.startswith(('text_model.', 'text_projection'))}
+  out = {}
+  e = 'embeddings.'
+  out['token_embedding/embedding'] = (src[e + 'token_embedding.weight'],
+                                      e + 'token_embedding.weight')
+  out['pos_embedding'] = (src[e + 'position_embedding.weight'],
+                          e + 'position_embedding.weight')
+  _clip_blocks(src, out)
+  _norm('final_layer_norm', 'final_norm', out, src)
+  _linear('text_projection', 'projection', out, src)
+  return out
+
+
+def _text_config(path: str, width: int) -> dict:
+  """Heads, activation and epsilon from the folder's ``config.json``.
+
+  Shapes do not give the number of heads; without a ``config.json`` OpenAI's
+  convention (64-wide heads, quick GELU, epsilon 1e-5) is assumed.
+  """
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  file = os.path.join(folder, 'config.json')
+  text = {}
+  if os.path.isfile(file):
+    with open(file) as f:
+      text = json.load(f).get('text_config') or {}
+  return dict(num_heads=text.get('num_attention_heads', width // 64),
+              activation=text.get('hidden_act', 'quick_gelu'),
+              layer_norm_eps=text.get('layer_norm_eps', 1e-5))
+
+
+def load_text_tower(path: str, *, eot_token_id: int,
+                    dtype=None) -> tuple[Any, float]:
+  """CLIP's text tower and logit scale from a whole ``CLIPModel`` checkpoint.
+
+  Args:
+    path: the Hugging Face folder or ``.safetensors`` that
+      ``config.pretrained.path`` names.
+    eot_token_id: the tokenizer's end-of-text token (where features pool).
+    dtype: computation dtype.
+
+  Returns:
+    ``(tower, logit_scale)``: a ``train.clip_text.TextTransformer`` with the
+    checkpoint's weights, and ``exp`` of its learned logit scale (100 for
+    OpenAI's CLIP).
+
+  Raises:
+    ValueError: naming the file when it holds no text tower, text projection
+      or logit scale (an image-only checkpoint), or a tensor is missing.
+  """
+  from train import clip_text  # pylint: disable=g-import-not-at-top
+  src = read_checkpoint(path)
+  needed = ('text_model.embeddings.token_embedding.weight',
+            'text_projection.weight', 'logit_scale')
+  missing = [k for k in needed if k not in src]
+  if missing:
+    raise ValueError(
+        f'{path} (config.pretrained.path) has no text tower: {missing} are'
+        " missing. config.model.head_init='zeroshot' needs a whole CLIPModel"
+        ' checkpoint (e.g. openai/clip-vit-base-patch16), not an image-only'
+        ' CLIPVisionModel one.')
+  theirs = from_hf_clip_text(src)
+  vocab_size, width = theirs['token_embedding/embedding'][0].shape
+  mlp_dim = theirs['blocks/0/mlp/fc1/kernel'][0].shape[1]
+  # Built abstractly (no random init), then every leaf set from the file.
+  tower = nnx.eval_shape(lambda: clip_text.TextTransformer(
+      vocab_size=vocab_size,
+      context_length=theirs['pos_embedding'][0].shape[0],
+      width=width,
+      depth=sum(1 for k in theirs if k.endswith('/norm1/scale')),
+      mlp_dim=mlp_dim,
+      projection_dim=theirs['projection/kernel'][0].shape[1],
+      eot_token_id=eot_token_id, dtype=dtype, rngs=nnx.Rngs(0),
+      **_text_config(path, width)))
+  state = nnx.state(tower)
+  for leaf_path, var in nnx.to_flat_state(state):
+    name = '/'.join(str(k) for k in leaf_path)
+    if name not in theirs:
+      raise ValueError(f'{path}: the text tower leaf {name!r} has no tensor'
+                       ' in the checkpoint.')
+    value, source = theirs[name]
+    if tuple(value.shape) != tuple(var.shape):
+      raise ValueError(f'{path}: checkpoint tensor {source!r} has shape'
+                       f' {tuple(value.shape)} but the text tower leaf'
+                       f' {name!r} has shape {tuple(var.shape)}.')
+    var.set_value(jnp.asarray(value, dtype=var.dtype))
+  nnx.update(tower, state)
+  return tower, float(np.exp(np.asarray(src['logit_scale'], np.float64)))

@@ -177,7 +177,7 @@ def run(workdir: str, alphas: Sequence[float] | None = None) -> dict:
                             f' {step}: the run is not finished.')
   mesh = train.make_mesh(config)
   with jax.set_mesh(mesh):
-    model = train.make_model(config, nnx.Rngs(config.seed))
+    model = train.make_model(config, nnx.Rngs(config.seed), workdir)
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, checkpoints.read_step(directory,
                                                           step)['model'])
