@@ -130,6 +130,14 @@ NONSENSE = [
     ('dataset.crop_fraction', 1.5, 'must be in (0, 1]'),
     ('model.pool', 'max', "must be one of ('', 'cls', 'mean')"),
     ('batch_size', 0, 'must be > 0'),
+    ('optimizer.name', 'sgd', 'must be one of'),
+    ('train_mode', 'probe', 'must be one of'),
+    ('lp_ft.probe_steps', -1, 'must be >= 0'),
+    ('wise_ft.alphas', (0.0, 1.5), 'must be in [0, 1]'),
+    ('model.param_dtype', 'float16', "must be one of ('float32', 'float64')"),
+    ('model.head_init', 'zero', "must be one of ('', 'zeroshot')"),
+    ('zeroshot.templates', ('a photo of a cat.',),
+     'must be a non-empty tuple of strings, each with {}'),
 ]
 
 

@@ -22,6 +22,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 
+from train import lp_ft
+from train import optimizers
+
 
 @dataclasses.dataclass(frozen=True)
 class Range:
@@ -84,6 +87,11 @@ def _ordered_in_unit(v) -> bool:
   return (len(v) == 2 and Range(0, 1, lo_open=True)(v) and v[0] <= v[1])
 
 
+def _prompt_templates(v) -> bool:
+  return (isinstance(v, (tuple, list)) and len(v) > 0
+          and all(isinstance(t, str) and '{}' in t for t in v))
+
+
 POSITIVE = Range(lo=0, lo_open=True)
 NON_NEGATIVE = Range(lo=0)
 PROBABILITY = Range(0, 1)
@@ -98,6 +106,10 @@ RULES: Sequence[tuple[str, Any]] = (
     ('model.lora_rank', NON_NEGATIVE),
     ('model.lora_alpha', NON_NEGATIVE),
     ('model.dtype', OneOf(('', 'float32', 'bfloat16', 'float16'))),
+    ('model.param_dtype', OneOf(('float32', 'float64'))),
+    ('model.head_init', OneOf(('', 'zeroshot'))),
+    ('zeroshot.templates',
+     Where(_prompt_templates, 'a non-empty tuple of strings, each with {}')),
     ('dataset.image_size', POSITIVE),
     ('dataset.num_classes', POSITIVE),
     ('dataset.std', POSITIVE),
@@ -109,6 +121,7 @@ RULES: Sequence[tuple[str, Any]] = (
     ('dataset.augment.mix_prob', PROBABILITY),
     ('dataset.augment.switch_prob', PROBABILITY),
     ('dataset.augment.label_smoothing', Range(0, 1, hi_open=True)),
+    ('optimizer.name', OneOf(optimizers.METHODS)),
     ('optimizer.learning_rate', NON_NEGATIVE),
     ('optimizer.warmup_steps', NON_NEGATIVE),
     ('optimizer.weight_decay', NON_NEGATIVE),
@@ -118,6 +131,10 @@ RULES: Sequence[tuple[str, Any]] = (
     ('optimizer.grad_clip_norm', NON_NEGATIVE),
     ('optimizer.anchor_dtype', OneOf(('', 'float32', 'bfloat16', 'float16'))),
     ('optimizer.max_nonfinite', NON_NEGATIVE),
+    ('train_mode', OneOf(lp_ft.MODES)),
+    ('lp_ft.probe_steps', NON_NEGATIVE),
+    ('lp_ft.probe_learning_rate', NON_NEGATIVE),
+    ('wise_ft.alphas', PROBABILITY),
     ('batch_size', POSITIVE),
     ('eval_batch_size', POSITIVE),
     ('num_train_steps', POSITIVE),
