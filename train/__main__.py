@@ -31,6 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metrics.quiet_libraries()
+  sys.excepthook = _without_closed_loop_noise(sys.excepthook)
   _initialize_distributed()  # Before anything touches a JAX backend.
   logging.info('JAX process %d/%d, %d local devices', jax.process_index(),
                jax.process_count(), jax.local_device_count())
@@ -47,6 +48,32 @@ def main(argv):
              f' {full.filename or FLAGS.workdir}; every checkpoint already'
              ' saved is intact. Free space and run the same command to'
              ' resume.')
+
+
+def _without_closed_loop_noise(excepthook):
+  """Drops the tracebacks of callbacks that outlive Orbax's event loop.
+
+  When an asynchronous save fails (a full disk), Orbax closes its asyncio
+  loop while TensorStore writes are still finishing; each one's callback
+  then fails in ``loop.call_soon_threadsafe`` and TensorStore prints its
+  traceback (hundreds of lines). Only that exception is dropped: the save's
+  own error reaches ``main`` and is reported.
+  """
+
+  def hook(kind, value, tb):
+    if (kind is RuntimeError and str(value) == 'Event loop is closed'
+        and tb is not None and _innermost(tb).tb_frame.f_code.co_name
+        == '_check_closed'):
+      return
+    excepthook(kind, value, tb)
+
+  return hook
+
+
+def _innermost(tb):
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb
 
 
 def _disk_full(e: BaseException):
