@@ -40,6 +40,10 @@ reported. The demo prints whether the regime holds (a linear probe at least
 5 points below vanilla fine-tuning on ID; fine-tuning above the probe on OOD
 at one of its settings) on its own measurements.
 
+Measured (README): LP 75.8 ID / 56.9 OOD, AdamW 82.1 / 47.0 (the regime
+holds: 6.2 points), LP-FT 87.2 / 53.0; LP-FT, WiSE-FT and LoRA+SPD are on the
+frontier; 15 min on the shared 2-core CPU machine.
+
 Methods (``config.methods``): linear probe (head only), vanilla fine-tuning
 (AdamW, learning rate swept), L2-SP, Adam-SPD and its non-selective ablation
 (lambda swept), LP-FT (stage-2 learning rate swept), WiSE-FT (alpha swept,
