@@ -164,7 +164,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   if smoke:  # The regime's two methods, SPD, LP-FT and WiSE-FT; CI time.
     methods = {k: methods[k] for k in ('LP', 'FT (AdamW)', 'SPD', 'LP-FT',
                                        'WiSE-FT')}
-    methods['FT (AdamW)']['grid'] = (1e-3, 3e-3)
+    methods['LP']['grid'] = (3e-2,)
+    methods['FT (AdamW)']['grid'] = (3e-3,)
     methods['SPD']['grid'] = (1.0,)
     methods['LP-FT']['grid'] = (1e-3,)
     methods['WiSE-FT']['grid'] = (0.0, 0.5, 1.0)
