@@ -40,6 +40,10 @@ reported. The demo prints whether the regime holds (a linear probe at least
 5 points below vanilla fine-tuning on ID; fine-tuning above the probe on OOD
 at one of its settings) on its own measurements.
 
+Measured (README): LP 75.8 ID / 56.9 OOD, AdamW 82.1 / 47.0 (the regime
+holds: 6.2 points), LP-FT 87.2 / 53.0; LP-FT, WiSE-FT and LoRA+SPD are on the
+frontier; 15 min on the shared 2-core CPU machine.
+
 Methods (``config.methods``): linear probe (head only), vanilla fine-tuning
 (AdamW, learning rate swept), L2-SP, Adam-SPD and its non-selective ablation
 (lambda swept), LP-FT (stage-2 learning rate swept), WiSE-FT (alpha swept,
@@ -105,7 +109,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   f.optimizer.weight_decay = 0.05
   f.optimizer.warmup_steps = 10 if smoke else 50
   f.batch_size = 64 if smoke else 128  # Digits per step; two views each.
-  f.num_train_steps = 100 if smoke else 500
+  f.num_train_steps = 100 if smoke else 300
   f.temperature = 0.2  # Of the contrastive softmax.
   f.embedding_dim = 64  # The projection head's output (dropped afterwards).
   config.foundation = f
@@ -123,11 +127,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   t.optimizer.learning_rate = 1e-3
   t.optimizer.weight_decay = 0.1
   t.optimizer.warmup_steps = 6
-  t.lp_ft.probe_steps = 20 if smoke else 40
+  t.lp_ft.probe_steps = 20 if smoke else 30
   t.lp_ft.probe_learning_rate = 1e-2
-  t.batch_size = 64
+  t.batch_size = 64 if smoke else 32
   t.eval_batch_size = 400  # One batch per eval split.
-  t.num_train_steps = 40 if smoke else 60  # 10 epochs of the 400 digits.
+  t.num_train_steps = 40 if smoke else 60  # ~5 epochs of the 400 digits.
   t.log_every_steps = t.num_train_steps
   t.eval_every_steps = t.num_train_steps
   t.checkpoint_every_steps = 10**9  # The end (and LP-FT's boundary) only.
@@ -160,7 +164,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   if smoke:  # The regime's two methods, SPD, LP-FT and WiSE-FT; CI time.
     methods = {k: methods[k] for k in ('LP', 'FT (AdamW)', 'SPD', 'LP-FT',
                                        'WiSE-FT')}
-    methods['FT (AdamW)']['grid'] = (1e-3, 3e-3)
+    methods['LP']['grid'] = (3e-2,)
+    methods['FT (AdamW)']['grid'] = (3e-3,)
     methods['SPD']['grid'] = (1.0,)
     methods['LP-FT']['grid'] = (1e-3,)
     methods['WiSE-FT']['grid'] = (0.0, 0.5, 1.0)

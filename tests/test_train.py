@@ -23,6 +23,8 @@ def test_two_real_steps_move_what_each_optimizer_trains(
   config.optimizer.name = name
   config.optimizer.warmup_steps = 0  # Full learning rate from step 1.
   config.model.lora_rank = lora_rank
+  if name == 'projection':  # lambda = 1 would pin every layer at its anchor.
+    config.optimizer.weight_decay = 0.5
   mesh = train.make_mesh(config)
   batches = input_pipeline.train_batches(
       config.dataset, global_batch_size=config.batch_size, seed=0)
