@@ -6,6 +6,7 @@ checks what the program did and that nothing was lost.
 
 import glob
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -255,7 +256,8 @@ def test_bad_input_is_refused_with_a_message_that_names_it(
 def test_missing_data_dir_is_named(tmp_path):
   result = trainlib.run_train(
       str(tmp_path / 'run'), str(tmp_path / 'no_tfds_here'),
-      '--config.dataset.name=mnist', check=False)
+      '--config.dataset.name=mnist', '--config.dataset.prepare=False',
+      check=False)
   assert result.returncode != 0
   assert 'not prepared in data_dir' in result.stderr
   assert 'no_tfds_here' in result.stderr
@@ -327,11 +329,17 @@ def test_a_full_disk_ends_in_one_line_naming_the_path(digits_data_dir,
     subprocess.run(['umount', str(full)], check=False)
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
+  # The path that failed (a checkpoint file, or the workdir when the error
+  # names none: where the disk fills up depends on timing).
   assert last.startswith('No space left on device while writing '
-                         f'{full}/run/checkpoints/'), last
+                         f'{full}/run'), last
   # No traceback through our code, and Orbax's threads log one line each.
   # (TensorStore callbacks that outlive Orbax's event loop may still print
   # a few 5-line "Event loop is closed" tracebacks, depending on timing.)
   assert 'train_and_evaluate' not in result.stderr
   assert 'RESOURCE_EXHAUSTED' in result.stderr
-  assert len(result.stderr.splitlines()) < 80, result.stderr
+  # TensorStore prints those 5-line tracebacks itself, past sys.excepthook
+  # when they come late: seen 0 to ~60 of them; the rest stays short.
+  noise = re.compile(r'Traceback \(most recent call last\):\n(  .*\n)*?'
+                     r'RuntimeError: Event loop is closed\n')
+  assert len(noise.sub('', result.stderr).splitlines()) < 80, result.stderr

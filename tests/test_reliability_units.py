@@ -251,7 +251,7 @@ def test_an_eval_crash_loses_no_training(digits_data_dir, tmp_path,
 
 
 def test_disk_full_is_found_behind_tensorstores_wrapping():
-  from train import __main__ as main  # pylint: disable=g-import-not-at-top
+  from train import checkpoints  # pylint: disable=g-import-not-at-top
   try:
     try:
       raise ValueError(
@@ -261,7 +261,7 @@ def test_disk_full_is_found_behind_tensorstores_wrapping():
     except ValueError as inner:
       raise RuntimeError('save failed') from inner
   except RuntimeError as outer:
-    found = main._disk_full(outer)  # pylint: disable=protected-access
+    found = checkpoints.disk_full_error(outer)
   assert found.errno == errno.ENOSPC
   assert found.filename == '/ckpt/6.orbax-checkpoint-tmp/d/ab'
-  assert main._disk_full(RuntimeError('other')) is None  # pylint: disable=protected-access
+  assert checkpoints.disk_full_error(RuntimeError('other')) is None

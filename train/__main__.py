@@ -5,9 +5,7 @@ Override any config field on the command line, e.g.
 again with the same workdir resumes from its newest checkpoint.
 """
 
-import errno
 import os
-import re
 import sys
 
 from absl import app
@@ -16,6 +14,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from train import checkpoints
 from train import metrics
 from train import preemption
 from train import train
@@ -40,7 +39,7 @@ def main(argv):
   except preemption.Preempted as e:  # Saved: a clean stop.
     logging.warning('%s', e)
   except Exception as e:  # pylint: disable=broad-except
-    full = _disk_full(e)
+    full = checkpoints.disk_full_error(e)
     if full is None:
       raise
     # One line, not Orbax's and asyncio's pages of tracebacks.
@@ -74,20 +73,6 @@ def _innermost(tb):
   while tb.tb_next is not None:
     tb = tb.tb_next
   return tb
-
-
-def _disk_full(e: BaseException):
-  """The ENOSPC ``OSError`` behind ``e`` (its causes included), or None."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-      return e
-    if 'No space left on device' in str(e):  # Wrapped by TensorStore.
-      path = re.search(r'Failed writing: "([^"]+)"', str(e))
-      return OSError(errno.ENOSPC, str(e), path and path.group(1))
-    e = e.__cause__ or e.__context__
-  return None
 
 
 def _initialize_distributed() -> None:

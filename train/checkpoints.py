@@ -17,8 +17,10 @@ optimizer leaf (``FloatingPointError`` naming the leaves). With
 ``wait`` (and ``close``) block until the last save is durable.
 """
 
+import errno
 import logging
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -220,3 +222,17 @@ def read_step(directory: str, step: int) -> dict[str, Any]:
     ))
   return {'model': out['model'], 'optimizer': out['optimizer'],
           'meta': out['meta']}
+
+
+def disk_full_error(e: BaseException) -> Optional[OSError]:
+  """The ENOSPC ``OSError`` behind ``e`` (its causes included), or None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return e
+    if 'No space left on device' in str(e):  # Wrapped by TensorStore.
+      path = re.search(r'Failed writing: "([^"]+)"', str(e))
+      return OSError(errno.ENOSPC, str(e), path and path.group(1))
+    e = e.__cause__ or e.__context__
+  return None

@@ -74,8 +74,15 @@ def _ensure_prepared(name: str, data_dir, *, module: str = '',
   if prepare:
     tfds.disable_progress_bar()  # Ours say enough.
     # TFDS prints its progress to stdout; keep stdout for the caller.
-    with contextlib.redirect_stdout(io.StringIO()):
-      builder.download_and_prepare()
+    try:
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError(
+          f'Preparing dataset {name!r} in data_dir'
+          f' {builder.data_dir_root!r} failed (config.dataset.prepare=True:'
+          f' TFDS downloads what the set needs): {type(e).__name__}: {e}'
+      ) from e
     return
   raise FileNotFoundError(
       f'Dataset {name!r} is not prepared in data_dir'
