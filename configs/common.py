@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.mean = (0.5, 0.5, 0.5)  # Per-channel normalisation.
   config.dataset.std = (0.5, 0.5, 0.5)
   config.dataset.crop_fraction = 0.875  # Eval: resize to size/0.875, crop.
-  config.dataset.cache_in_memory = False  # Decode a (small) set only once.
+  config.dataset.cache_in_memory = False  # A small set: decode it once.
   config.dataset.ood = ml_collections.ConfigDict()  # Name -> {name, split}.
   config.dataset.augment = ml_collections.ConfigDict()
   config.dataset.augment.random_resized_crop = True

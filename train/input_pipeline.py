@@ -326,9 +326,36 @@ def eval_batches(
     global_batch_size: int, process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict]:
-  """One pass over a split; the last global batch is padded (``mask``)."""
+  """One pass over a split; the last global batch is padded (``mask``).
+
+  With ``dataset.cache_in_memory`` the preprocessed batches are also kept
+  (read-only), so a process that evaluates the same split again (every run
+  of a sweep) reads them from memory: evaluation is a pure function of the
+  split and ``dataset``'s fields.
+  """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
+  if not dataset.cache_in_memory:
+    return _eval_batches(dataset, name, split, global_batch_size, pi, pc)
+  key = (dataset.to_json_best_effort(sort_keys=True), name, split,
+         global_batch_size, pi, pc)
+  if key not in _EVAL_BATCHES:
+    if len(_EVAL_BATCHES) >= 64:  # Oldest out (a long-lived process).
+      del _EVAL_BATCHES[next(iter(_EVAL_BATCHES))]
+    batches = tuple(_eval_batches(dataset, name, split, global_batch_size,
+                                  pi, pc))
+    for batch in batches:
+      for array in batch.values():
+        array.setflags(write=False)
+    _EVAL_BATCHES[key] = batches
+  return iter(_EVAL_BATCHES[key])
+
+
+# (dataset JSON, name, split, batch size, process) -> the batches of a split.
+_EVAL_BATCHES: dict[tuple, tuple[dict, ...]] = {}
+
+
+def _eval_batches(dataset, name, split, global_batch_size, pi, pc):
   local = _local_batch_size(global_batch_size, pc)
   src = source(name, split, dataset)
   n = len(src)
