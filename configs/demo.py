@@ -93,6 +93,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   smoke = arg == 'smoke'
   config = ml_collections.ConfigDict()
   config.data_dir = ''  # TFDS data_dir; '' = WORKDIR/tfds.
+  # Fine-tuning runs trained at once, each in its own process (train.sweep);
+  # 0: one per CPU core (at most 4) on CPU, one on an accelerator.
+  config.workers = 0
   config.seeds = (0,) if smoke else (0, 1, 2)  # Paired across methods.
   # The OOD domains (the smoke test reads three, to build and eval less).
   config.shifts = ('rotate', 'invert', 'color') if smoke else SHIFTS
@@ -133,7 +136,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   t.eval_batch_size = 400  # One batch per eval split.
   t.num_train_steps = 40 if smoke else 60  # ~5 epochs of the 400 digits.
   t.log_every_steps = t.num_train_steps
-  t.eval_every_steps = t.num_train_steps
+  t.eval_every_steps = 10**9  # At the end only (not at LP-FT's boundary).
   t.checkpoint_every_steps = 10**9  # The end (and LP-FT's boundary) only.
   t.keep_checkpoints = 1
   t.progress_bar = False

@@ -15,11 +15,13 @@ checkpoints, ``result.json``): running the command again reuses what is
 finished, and compiled programs are cached in ``WORKDIR/jax_cache``.
 """
 
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 
 from absl import app
@@ -32,8 +34,10 @@ import numpy as np
 import tqdm
 
 from train import contrastive
+from train import input_pipeline
 from train import metrics as metrics_lib
-from train import train
+from train import preemption
+from train import sweep
 from train import wise_ft
 
 _DEFAULT_CONFIG = os.path.join(
@@ -83,50 +87,85 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def _train_or_reuse(c: ml_collections.ConfigDict, run_dir: str) -> dict:
-  """A run's final results, reused when ``result.json`` matches.
+def _run_record(c: ml_collections.ConfigDict, foundation_sha256: str):
+  return {'config': json.loads(c.to_json_best_effort(sort_keys=True)),
+          'foundation_sha256': foundation_sha256}
+
+
+def _reused(c, run_dir: str, record: dict) -> dict | None:
+  """A finished run's results when its ``result.json`` matches, else None.
 
   It matches when it holds this config and was trained from this very
   foundation (its SHA-256); otherwise the run directory is stale and is
-  trained afresh.
+  removed, to be trained afresh. (A run directory without ``result.json`` is
+  unfinished: it resumes.)
   """
   path = os.path.join(run_dir, 'result.json')
-  current = {'config': json.loads(c.to_json_best_effort(sort_keys=True)),
-             'foundation_sha256': _sha256(c.pretrained.path)}
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if {k: saved.get(k) for k in current} == current:
-      return saved['results']
-    shutil.rmtree(run_dir)  # Another config or foundation: start afresh.
-  # (A run directory without result.json is unfinished: it resumes.)
-  results = train.train_and_evaluate(c, run_dir, print_summary=False)
-  results = {k: float(v) for k, v in results.items()}
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    saved = json.load(f)
+  if {k: saved.get(k) for k in record} == record:
+    return saved['results']
+  shutil.rmtree(run_dir)  # Another config or foundation: start afresh.
+  return None
+
+
+def _write_result(run_dir: str, record: dict, results: dict) -> None:
+  path = os.path.join(run_dir, 'result.json')
   with open(path + '.tmp', 'w') as f:
-    json.dump({**current, 'results': results}, f, indent=1)
+    json.dump({**record, 'results': results}, f, indent=1)
   os.replace(path + '.tmp', path)
-  return results
 
 
 def finetune_all(config, workdir: str, data_dir: str, foundation_path: str):
-  """Every (method, value, seed) run; returns ``{(method, value, seed): r}``."""
-  runs = []
+  """Every (method, value, seed) run; returns ``{(method, value, seed): r}``.
+
+  Finished runs are reused; the others are trained by ``config.workers``
+  processes at once (``train.sweep``).
+  """
+  foundation_sha256 = _sha256(foundation_path)
+  results, jobs, records = {}, [], {}
   for method in config.method_order:
     spec = config.methods[method]
     if spec.of:  # Evaluated inside another method's runs (WiSE-FT).
       continue
-    runs += [(method, spec, v, s) for v in spec.grid for s in config.seeds]
-  results = {}
-  bar = tqdm.tqdm(runs, desc='fine-tuning', unit='run')
-  for method, spec, value, seed in bar:
-    bar.set_postfix_str(
-        f'{method} {spec.grid_key.split(".")[-1]}={value} seed {seed}')
-    c = _finetune_config(config, spec, value, seed, data_dir,
-                         foundation_path)
-    run_dir = os.path.join(workdir, 'runs',
-                           _run_name(method, spec.grid_key, value, seed))
-    results[(method, value, seed)] = _train_or_reuse(c, run_dir)
+    for value in spec.grid:
+      for seed in config.seeds:
+        c = _finetune_config(config, spec, value, seed, data_dir,
+                             foundation_path)
+        run_dir = os.path.join(workdir, 'runs',
+                               _run_name(method, spec.grid_key, value, seed))
+        key = (method, value, seed)
+        records[key] = (run_dir, _run_record(c, foundation_sha256))
+        reused = _reused(c, run_dir, records[key][1])
+        if reused is None:
+          jobs.append((key, c, run_dir))
+        else:
+          results[key] = reused
+  if jobs:  # Every set prepared here: workers must not race to prepare one.
+    input_pipeline.check_available(jobs[0][1].dataset)
+  bar = tqdm.tqdm(total=len(results) + len(jobs), initial=len(results),
+                  desc='fine-tuning', unit='run')
+  workers = sweep.default_workers(config.workers)
+  for key, r in sweep.run_all(
+      jobs, workers=workers,
+      worker_init=functools.partial(_init_worker, workdir)):
+    _write_result(*records[key], r)
+    results[key] = r
+    method, value, seed = key
+    name = config.methods[method].grid_key.split('.')[-1]
+    bar.set_postfix_str(f'{method} {name}={value} seed {seed}')
+    bar.update(1)
+  bar.close()
   return results
+
+
+def _init_worker(workdir: str) -> None:
+  """A sweep worker: the sweep's compilation cache, and quiet logs."""
+  logging.set_verbosity(logging.WARNING)
+  metrics_lib.quiet_libraries()
+  _enable_compilation_cache(workdir)
 
 
 def _ood(r: dict, shifts) -> float:
@@ -321,6 +360,9 @@ def plot(summary, path: str) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The whole demo; returns the summary written to results.json."""
   start = time.time()
+  if not isinstance(config.workers, int) or config.workers < 0:
+    raise ValueError(f'config.workers={config.workers!r}: expected an integer'
+                     ' >= 0 (0: one per CPU core on CPU, 1 on an accelerator).')
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   _enable_compilation_cache(workdir)
@@ -350,7 +392,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # The progress bars say enough.
-  run(FLAGS.config, FLAGS.workdir)
+  try:
+    run(FLAGS.config, FLAGS.workdir)
+  except preemption.Preempted as e:  # Every started run saved: a clean stop.
+    print(f'\n{e}', file=sys.stderr)
 
 
 if __name__ == '__main__':
