@@ -43,10 +43,28 @@ def main(argv):
     if full is None:
       raise
     # One line, not Orbax's and asyncio's pages of tracebacks.
-    sys.exit(f'No space left on device while writing'
-             f' {full.filename or FLAGS.workdir}; every checkpoint already'
-             ' saved is intact. Free space and run the same command to'
-             ' resume.')
+    _exit_with_last_line(
+        f'No space left on device while writing'
+        f' {full.filename or FLAGS.workdir}; every checkpoint already saved'
+        ' is intact. Free space and run the same command to resume.')
+
+
+def _exit_with_last_line(message: str) -> None:
+  """Prints ``message`` as the very last line and exits with status 1.
+
+  After a save fails on a full disk, Orbax's and TensorStore's background
+  writes keep failing one by one, and some print their error (or raise it
+  again at interpreter shutdown) after ours. Nothing is left to lose by
+  skipping the rest of the shutdown: the run's lock and checkpointer were
+  released on the way out of ``train_and_evaluate``, every metrics row is
+  already closed on disk, and the half-written step is a temporary directory
+  that no restore reads.
+  """
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.write(message + '\n')
+  sys.stderr.flush()
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def _without_closed_loop_noise(excepthook):
