@@ -122,7 +122,8 @@ def finetune_all(config, workdir: str, data_dir: str, foundation_path: str):
   """Every (method, value, seed) run; returns ``{(method, value, seed): r}``.
 
   Finished runs are reused; the others are trained by ``config.workers``
-  processes at once (``train.sweep``).
+  processes at once (``train.sweep``), each keeping to one method while it
+  has runs left (its programs are then traced and compiled once).
   """
   foundation_sha256 = _sha256(foundation_path)
   results, jobs, records = {}, [], {}
@@ -149,7 +150,7 @@ def finetune_all(config, workdir: str, data_dir: str, foundation_path: str):
                   desc='fine-tuning', unit='run')
   workers = sweep.default_workers(config.workers)
   for key, r in sweep.run_all(
-      jobs, workers=workers,
+      jobs, workers=workers, group=lambda key: key[0],  # By method.
       worker_init=functools.partial(_init_worker, workdir)):
     _write_result(*records[key], r)
     results[key] = r
