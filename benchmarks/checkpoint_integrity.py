@@ -2,9 +2,8 @@
 
     python -m benchmarks.checkpoint_integrity
 
-Times ``train.integrity.fingerprint`` (checksums and finiteness of every
-leaf, one small jitted program per leaf shape) on the tiny config's model and
-SPD state, next to a
+Times ``train.integrity.fingerprint`` (one jitted pass: checksums and
+finiteness of every leaf) on the tiny config's model and SPD state, next to a
 synchronous Orbax save of the same state, then on 256 MiB of float32 leaves
 to give a cost per GB. Medians of 5 after one warm-up (the compile).
 """

@@ -207,15 +207,63 @@ def test_two_processes_of_four_devices_match_one_of_eight(digits_data_dir,
         trainlib.train_command(multi, digits_data_dir, '--config.mesh.fsdp=2'),
         env=env, cwd=trainlib.REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True))
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-6000:]
+  try:
+    for p in procs:
+      _, err = p.communicate(timeout=600)
+      assert p.returncode == 0, err[-6000:]
+  finally:  # A hung process must not outlive the test.
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   assert 'JAX process 1/2, 4 local devices' in err
   rows_1, rows_2 = _assert_same_run_to_float_noise(single, multi)
   for a, b in zip(rows_1, rows_2):
     for k in a:
       if 'loss' in k or 'accuracy' in k:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
+
+
+def test_sigterm_to_one_host_stops_every_host_after_the_same_saved_step(
+    digits_data_dir, tmp_path):
+  # JAX's preemption service: process 1 gets the SIGTERM, and both processes
+  # save the same step (all of a step's shards) and exit 0.
+  workdir = str(tmp_path / 'multi')
+  port = _free_port()
+  procs, logs = [], []
+  for pid in range(2):
+    env = trainlib.env_with_devices(
+        4, JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+        JAX_PROCESS_ID=str(pid))
+    logs.append(open(tmp_path / f'stderr_{pid}.txt', 'w+'))  # No pipe to fill.
+    procs.append(subprocess.Popen(
+        trainlib.train_command(workdir, digits_data_dir, *LONG,
+                               '--config.mesh.fsdp=2'),
+        env=env, cwd=trainlib.REPO, stdout=subprocess.DEVNULL,
+        stderr=logs[-1], text=True))
+  try:
+    _wait_for_step(workdir, 4, procs[0])  # After the step-3 checkpoint.
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=600)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  errs = []
+  for p, log in zip(procs, logs):
+    log.seek(0)
+    errs.append(log.read())
+    log.close()
+    assert p.returncode == 0, errs[-1][-4000:]
+  stopped = [re.findall(r'Stopped by .+? after step (\d+)', e) for e in errs]
+  assert all(len(s) == 1 for s in stopped), errs
+  step = int(stopped[0][0])
+  assert int(stopped[1][0]) == step and 4 <= step < 10
+  saved = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  assert saved.all_steps()[-1] == step
+  saved.close()
+  rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert rows[-1]['step'] == step  # Metrics flushed up to the saved step.
 
 
 BAD_INPUT = [

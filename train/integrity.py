@@ -13,14 +13,12 @@ words :math:`u_i` (row-major index :math:`i`), is
 (64-bit elements count as two words). Flipping bit :math:`b` of one word
 changes :math:`c` by :math:`\pm 2^b (2i + 1) \bmod 2^{32} \neq 0`, since
 :math:`2i + 1` is odd: every single-bit flip is detected. The sum is computed
-on the devices where the array lives (each device sums its own shard, then
-the scalars are added), so no array is gathered, and the value depends only
-on the global array, not on the mesh: a step saved on 8 devices verifies when
-restored onto 1. It is one small jitted program per leaf, compiled once per
-shape, dtype and sharding: a model of repeated blocks compiles a handful, and
-a new model or optimizer state with the same shapes (every run of a sweep)
-compiles and traces nothing. All leaves are dispatched before one transfer of
-the scalars to the host.
+on the devices where the array lives, by one jitted pass over the state (each
+device sums its own shard, then the scalars are added), so no array is
+gathered, and the value depends only on the global array, not on the mesh: a
+step saved on 8 devices verifies when restored onto 1. (One program for all
+leaves, not one per leaf: on CPU, hundreds of small programs with
+cross-device sums in flight at once deadlock XLA's collectives.)
 
 The same pass reports which floating-point leaves hold a NaN or an inf; no
 checkpoint is written with one.
@@ -72,8 +70,8 @@ def _finite(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _leaf_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return _checksum(x), _finite(x)
+def _fingerprint(leaves: list[jax.Array]):
+  return [_checksum(x) for x in leaves], [_finite(x) for x in leaves]
 
 
 def fingerprint(tree: Any) -> tuple[dict[str, int], list[str]]:
@@ -85,9 +83,9 @@ def fingerprint(tree: Any) -> tuple[dict[str, int], list[str]]:
   pairs = [(jax.tree_util.keystr(p), x)
            for p, x in jax.tree_util.tree_leaves_with_path(tree)
            if isinstance(x, (jax.Array, np.ndarray))]
-  results = jax.device_get([_leaf_fingerprint(x) for _, x in pairs])
-  checksums = {name: int(s) for (name, _), (s, _) in zip(pairs, results)}
-  nonfinite = [name for (name, _), (_, ok) in zip(pairs, results) if not ok]
+  sums, finite = jax.device_get(_fingerprint([x for _, x in pairs]))
+  checksums = {name: int(s) for (name, _), s in zip(pairs, sums)}
+  nonfinite = [name for (name, _), ok in zip(pairs, finite) if not ok]
   return checksums, nonfinite
 
 

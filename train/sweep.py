@@ -182,6 +182,10 @@ def _raise_terminated(signum, frame):
 
 
 def _init_worker(worker_init) -> None:
+  # Ctrl-C reaches every process of the group: a worker between runs leaves
+  # it to the parent (which cancels what has not started); a running run
+  # catches it itself (train.preemption) and saves.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   if worker_init is not None:
     worker_init()
 
