@@ -42,7 +42,8 @@ at one of its settings) on its own measurements.
 
 Measured (README): LP 75.8 ID / 56.9 OOD, AdamW 82.1 / 47.0 (the regime
 holds: 6.2 points), LP-FT 87.2 / 53.0; LP-FT, WiSE-FT and LoRA+SPD are on the
-frontier; 9 min 6 s on an idle 2-core CPU machine, from a fresh clone.
+frontier; 9 min 9 s on an idle 2-core CPU machine, from a fresh clone, with
+its runs in two worker processes (10 min 25 s in one).
 
 Methods (``config.methods``): linear probe (head only), vanilla fine-tuning
 (AdamW, learning rate swept), L2-SP, Adam-SPD and its non-selective ablation
