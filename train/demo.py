@@ -92,7 +92,7 @@ def _run_record(c: ml_collections.ConfigDict, foundation_sha256: str):
           'foundation_sha256': foundation_sha256}
 
 
-def _reused(c, run_dir: str, record: dict) -> dict | None:
+def _reused(run_dir: str, record: dict) -> dict | None:
   """A finished run's results when its ``result.json`` matches, else None.
 
   It matches when it holds this config and was trained from this very
@@ -139,7 +139,7 @@ def finetune_all(config, workdir: str, data_dir: str, foundation_path: str):
                                _run_name(method, spec.grid_key, value, seed))
         key = (method, value, seed)
         records[key] = (run_dir, _run_record(c, foundation_sha256))
-        reused = _reused(c, run_dir, records[key][1])
+        reused = _reused(run_dir, records[key][1])
         if reused is None:
           jobs.append((key, c, run_dir))
         else:
