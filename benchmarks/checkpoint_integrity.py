@@ -19,8 +19,8 @@ import numpy as np
 from configs import tiny
 from train import checkpoints
 from train import integrity
+from train import model_setup
 from train import optimizers
-from train import train
 
 
 def _median_s(fn, repeats=5) -> float:
@@ -35,7 +35,7 @@ def _median_s(fn, repeats=5) -> float:
 
 def main():
   config = tiny.get_config()
-  model = train.make_model(config, nnx.Rngs(0))
+  model = model_setup.make_model(config, nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optimizers.make_optimizer(config, lora=False),
                             wrt=nnx.Param)
   state = {'model': nnx.as_pure(nnx.state(model)),

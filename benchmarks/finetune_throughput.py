@@ -2,7 +2,7 @@ r"""Images/s of fine-tuning steps: SPD against AdamW on the same model.
 
 Run:  python -m benchmarks.finetune_throughput [--model ti/16] [--image-size 112]
 
-Builds the ViT once per optimizer, with ``train.train``'s jitted, donating
+Builds the ViT once per optimizer, with ``train.finetune``'s jitted, donating
 ``train_step`` (forward, backward, gradient clipping, optimizer, diagnostics),
 and times rounds of steps interleaved across the optimizers on the same
 synthetic batch, so that machine noise hits them alike. Prints images/s per
@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
+from train import finetune
+from train import mesh as mesh_lib
+from train import model_setup
 from train import optimizers
-from train import train
 
 METHODS = {
     'adamw': {'optimizer.name': 'adamw'},
@@ -37,9 +39,7 @@ def _config(model: str, image_size: int, batch: int, overrides: dict):
   config.dataset.image_size = image_size
   config.batch_size = batch
   config.num_train_steps = 1000
-  for key, value in overrides.items():
-    section, field = key.split('.')
-    config[section][field] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -62,15 +62,15 @@ def main():
   runs = {}
   for name, overrides in METHODS.items():
     config = _config(args.model, args.image_size, args.batch_size, overrides)
-    mesh = train.make_mesh(config)
+    mesh = mesh_lib.make_mesh(config)
     with jax.set_mesh(mesh):
-      model = train.make_model(config, nnx.Rngs(0))
-      train.shard_module(model, mesh)
+      model = model_setup.make_model(config, nnx.Rngs(0))
+      mesh_lib.shard_module(model, mesh)
       optimizer = nnx.Optimizer(
           model, optimizers.make_optimizer(config, lora=False),
           wrt=nnx.Param)
-      batch = train.shard_batch(host_batch, mesh)
-      out = train.train_step(model, optimizer, batch, jax.random.key(0),
+      batch = mesh_lib.shard_batch(host_batch, mesh)
+      out = finetune.train_step(model, optimizer, batch, jax.random.key(0),
                              None)  # Compiles.
       jax.block_until_ready(out)
     runs[name] = dict(model=model, optimizer=optimizer, batch=batch,
@@ -81,7 +81,7 @@ def main():
       with jax.set_mesh(run['mesh']):
         start = time.perf_counter()
         for i in range(args.steps):
-          out = train.train_step(run['model'], run['optimizer'], run['batch'],
+          out = finetune.train_step(run['model'], run['optimizer'], run['batch'],
                                  jax.random.key(i), None)
         jax.block_until_ready(out)
       run['times'].append((time.perf_counter() - start) / args.steps)

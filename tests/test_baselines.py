@@ -19,10 +19,13 @@ import pytest
 
 from configs import tiny
 from train import checkpoints
+from train import evaluation
+from train import finetune
 from train import input_pipeline
-from train import lp_ft
-from train import train
-from train import wise_ft
+from train import mesh as mesh_lib
+from train import model_setup
+from train import train_modes
+from train import weight_ensembles
 from tests import trainlib
 from tests.test_reliability import _wait_for_step
 
@@ -51,7 +54,7 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 def _pure_model(config):
   return nnx.to_pure_dict(nnx.state(
-      train.make_model(config, nnx.Rngs(config.seed))))
+      model_setup.make_model(config, nnx.Rngs(config.seed))))
 
 
 def _initial_model(config) -> dict[str, np.ndarray]:
@@ -60,7 +63,7 @@ def _initial_model(config) -> dict[str, np.ndarray]:
 
 
 def _start_file(workdir, config) -> dict[str, np.ndarray]:
-  return _flat(wise_ft.load_start(workdir, _pure_model(config)))
+  return _flat(weight_ensembles.load_start_model(workdir, _pure_model(config)))
 
 
 def _step_model(workdir, step) -> dict[str, np.ndarray]:
@@ -72,7 +75,7 @@ def test_linear_probe_leaves_every_backbone_leaf_bitwise(digits_data_dir,
                                                         tmp_path):
   config = _config(digits_data_dir, train_mode='linear_probe',
                    **{'optimizer.name': 'adam'})
-  train.train_and_evaluate(config, str(tmp_path), print_summary=False)
+  finetune.train_and_evaluate(config, str(tmp_path), print_summary=False)
   before = _initial_model(config)
   after = _step_model(str(tmp_path), config.num_train_steps)
   assert before.keys() == after.keys()
@@ -90,10 +93,10 @@ def test_lp_ft_second_stage_starts_from_the_probed_head(digits_data_dir,
                    num_train_steps=3, checkpoint_every_steps=100,
                    **{'lp_ft.probe_steps': 4, 'lp_ft.probe_learning_rate': 3e-2})
   lpft, probe = str(tmp_path / 'lpft'), str(tmp_path / 'probe')
-  train.train_and_evaluate(config, lpft, print_summary=False)
+  finetune.train_and_evaluate(config, lpft, print_summary=False)
   # The reference: a linear probe run of its own, as LP-FT's stage 1 is.
-  train.train_and_evaluate(lp_ft.probe_config(config), probe,
-                           print_summary=False)
+  finetune.train_and_evaluate(train_modes.probe_config(config), probe,
+                              print_summary=False)
   initial = _initial_model(config)
   start = _start_file(lpft, config)
   boundary = _step_model(lpft, 4)
@@ -115,23 +118,23 @@ def test_lp_ft_second_stage_starts_from_the_probed_head(digits_data_dir,
 def test_wise_ft_endpoints_and_midpoint(digits_data_dir, tmp_path):
   config = _config(digits_data_dir, **{'wise_ft.alphas': (0.0, 0.5, 1.0)})
   workdir = str(tmp_path)
-  results = train.train_and_evaluate(config, workdir, print_summary=False)
+  results = finetune.train_and_evaluate(config, workdir, print_summary=False)
   sets = [k for k in results if k.startswith('eval/')]
   assert len(sets) == 4  # val, id and two OOD sets.
   # alpha = 1: the fine-tuned model's own accuracies.
   for k in sets:
     assert results[f'wise_ft/1.0/{k}'] == results[k], k
   # alpha = 0: a model built afresh (the start), evaluated here.
-  mesh = train.make_mesh(config)
+  mesh = mesh_lib.make_mesh(config)
   with jax.set_mesh(mesh):
-    fresh = train.make_model(config, nnx.Rngs(config.seed))
-    start_accuracy = train.evaluate(fresh, config, mesh)
+    fresh = model_setup.make_model(config, nnx.Rngs(config.seed))
+    start_accuracy = evaluation.accuracies(fresh, config, mesh)
   for k in sets:
     assert results[f'wise_ft/0.0/{k}'] == start_accuracy[k], k
   # alpha = 0.5: the elementwise mean, from float64.
   start = _initial_model(config)
   tuned = _step_model(workdir, config.num_train_steps)
-  mixed = _flat(wise_ft.interpolate(start, tuned, 0.5))
+  mixed = _flat(weight_ensembles.interpolate(start, tuned, 0.5))
   for k in start:
     mean = ((start[k].astype(np.float64) + tuned[k]) / 2).astype(np.float32)
     assert mixed[k].dtype == np.float32
@@ -143,7 +146,7 @@ def test_wise_ft_endpoints_and_midpoint(digits_data_dir, tmp_path):
        '--alphas=0,1'], env=trainlib.env_with_devices(1), cwd=trainlib.REPO,
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(os.path.join(workdir, wise_ft.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, weight_ensembles.RESULTS_FILE)) as f:
     by_alpha = json.load(f)
   assert set(by_alpha) == {'0.0', '1.0'}
   for k in sets:
@@ -153,14 +156,14 @@ def test_wise_ft_endpoints_and_midpoint(digits_data_dir, tmp_path):
 
 def test_interpolate_refuses_mismatched_models():
   with pytest.raises(ValueError, match=r"\['w'\] has shape"):
-    wise_ft.interpolate({'w': np.zeros(2)}, {'w': np.zeros(3)}, 0.5)
+    weight_ensembles.interpolate({'w': np.zeros(2)}, {'w': np.zeros(3)}, 0.5)
   with pytest.raises(ValueError, match='non-float'):
-    wise_ft.interpolate({'n': np.int32(1)}, {'n': np.int32(2)}, 0.5)
+    weight_ensembles.interpolate({'n': np.int32(1)}, {'n': np.int32(2)}, 0.5)
 
 
 def test_wise_ft_without_a_start_model_says_so(tmp_path):
   with pytest.raises(FileNotFoundError, match='starting model'):
-    wise_ft.load_start(str(tmp_path), {'w': np.zeros(1)})
+    weight_ensembles.load_start_model(str(tmp_path), {'w': np.zeros(1)})
 
 
 # Slow enough steps (an evaluation each) to be killed in the middle of
@@ -204,7 +207,7 @@ def test_lp_ft_killed_in_either_stage_resumes_bitwise(digits_data_dir,
 
 def test_staged_optimizer_switches_after_the_first_stage():
   import optax  # pylint: disable=g-import-not-at-top
-  tx = lp_ft.staged(optax.sgd(1.0), optax.sgd(10.0), first_steps=2)
+  tx = train_modes.staged(optax.sgd(1.0), optax.sgd(10.0), first_steps=2)
   params = np.float32(0.0)
   state = tx.init(params)
   steps = []

@@ -23,11 +23,14 @@ from tokenizers import pre_tokenizers
 from configs import common
 from configs import tiny
 from train import clip_text
+from train import config_checks
+from train import evaluation
+from train import finetune
 from train import metrics
-from train import train
+from train import model_setup
+from train import weight_ensembles
 from train import weights
-from train import wise_ft
-from train import zeroshot
+from train import zeroshot_head
 from tests import trainlib
 from tests.test_models_and_weights import _images, _randomize
 
@@ -139,7 +142,7 @@ def test_zero_shot_logits_match_transformers(hf_clip, tmp_path):
   # One template: the head's rows are the prompts' own embeddings, and the
   # logits are CLIPModel's logits_per_image exactly.
   config = _config(path, _class_file(tmp_path), templates=('a {}.',))
-  ours = train.make_model(config, nnx.Rngs(0))(jnp.asarray(images))
+  ours = model_setup.make_model(config, nnx.Rngs(0))(jnp.asarray(images))
   inputs = hf_tokenizer([f'a {c}.' for c in CLASSES], padding=True,
                         return_tensors='pt')
   with torch.no_grad():
@@ -147,7 +150,7 @@ def test_zero_shot_logits_match_transformers(hf_clip, tmp_path):
   np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
   # Several templates: the ensemble of ROBUST_FT.md in float64 NumPy.
   config = _config(path, _class_file(tmp_path))
-  ours = train.make_model(config, nnx.Rngs(0))(jnp.asarray(images))
+  ours = model_setup.make_model(config, nnx.Rngs(0))(jnp.asarray(images))
   prompts = [t.format(c) for c in CLASSES for t in TEMPLATES]
   _, text = _torch_text(model, hf_tokenizer, prompts)
   with torch.no_grad():
@@ -181,11 +184,11 @@ def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
   assert 'zero-shot accuracy' in result.stdout
-  with open(os.path.join(workdir, zeroshot.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, evaluation.ZERO_SHOT_RESULTS)) as f:
     zero_shot = json.load(f)
   assert set(zero_shot) == {'eval/val_accuracy', 'eval/id_accuracy',
                             'eval/rotate_accuracy', 'eval/invert_accuracy'}
-  cache = os.path.join(workdir, zeroshot.CACHE_FILE)
+  cache = os.path.join(workdir, zeroshot_head.CACHE_FILE)
   cached_at = os.stat(cache).st_mtime_ns
   # A run in the same workdir: its step-0 evaluation, from the cached head.
   config = _config(path, _class_file(tmp_path),
@@ -193,11 +196,11 @@ def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
   config.dataset.data_dir = digits_data_dir
   config.num_train_steps = config.eval_every_steps = 2
   config.wise_ft.alphas = (0.0,)
-  with mock.patch.object(zeroshot, 'head_weights',
+  with mock.patch.object(zeroshot_head, 'head_weights',
                          side_effect=AssertionError('recomputed')):
-    final = train.train_and_evaluate(config, workdir, print_summary=False)
+    final = finetune.train_and_evaluate(config, workdir, print_summary=False)
     # WiSE-FT on the finished run, as `python -m train.wise_ft` does.
-    by_alpha = wise_ft.run(workdir, [0.0])
+    by_alpha = weight_ensembles.evaluate_finished_run(workdir, [0.0])
   assert os.stat(cache).st_mtime_ns == cached_at
   rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   step0 = {k: v for k, v in rows[0].items() if k != 'step'}
@@ -208,7 +211,7 @@ def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
     assert final[f'wise_ft/0.0/{name}'] == accuracy, name
   assert by_alpha[0.0] == zero_shot
   # ... and not the fine-tuned one: the run moved the head.
-  with np.load(os.path.join(workdir, wise_ft.START_FILE)) as start:
+  with np.load(os.path.join(workdir, weight_ensembles.START_FILE)) as start:
     start_head = start["['head']['kernel']"]
   tuned_head = trainlib.final_state(workdir)[0]['head']['kernel']
   assert not np.allclose(start_head, tuned_head, atol=1e-6)
@@ -220,7 +223,7 @@ def test_bad_input_is_refused_by_name(hf_clip, digits_data_dir, tmp_path):
   short = _class_file(tmp_path, CLASSES[:9])
   with pytest.raises(ValueError, match=r"classes.txt.*has 9 names but the"
                      r" dataset has 10 classes"):
-    train.make_model(_config(path, short), nnx.Rngs(0))
+    model_setup.make_model(_config(path, short), nnx.Rngs(0))
   # An image-only checkpoint (with a tokenizer) has no text tower.
   vision = tmp_path / 'vision_only'
   vision_config = copy.deepcopy(model.config.vision_config)
@@ -229,8 +232,8 @@ def test_bad_input_is_refused_by_name(hf_clip, digits_data_dir, tmp_path):
       str(vision), safe_serialization=True)
   shutil.copy(os.path.join(path, 'tokenizer.json'), vision)
   with pytest.raises(ValueError, match=r"vision_only.*has no text tower"):
-    train.make_model(_config(str(vision), _class_file(tmp_path)),
-                     nnx.Rngs(0))
+    model_setup.make_model(_config(str(vision), _class_file(tmp_path)),
+                           nnx.Rngs(0))
   # No tokenizer.json next to the weights.
   bare = tmp_path / 'no_tokenizer'
   os.makedirs(bare)
@@ -238,17 +241,18 @@ def test_bad_input_is_refused_by_name(hf_clip, digits_data_dir, tmp_path):
     shutil.copy(os.path.join(path, f), bare)
   with pytest.raises(FileNotFoundError,
                      match=r"no_tokenizer/tokenizer.json.*does not exist"):
-    train.make_model(_config(str(bare), _class_file(tmp_path)), nnx.Rngs(0))
+    model_setup.make_model(_config(str(bare), _class_file(tmp_path)),
+                           nnx.Rngs(0))
   # Label names that are not words (digits '0'..'9') need a class-name file.
   config = _config(path, '')
   config.dataset.data_dir = digits_data_dir
   with pytest.raises(ValueError, match='not words.*config.zeroshot.class_names'):
-    zeroshot.class_names(config)
+    zeroshot_head.class_names(config)
   # A model that is not a CLIP image tower with a projection.
   config = _config(path, _class_file(tmp_path))
-  config.model.name = 'mu/4'
+  config.model.name = 'mu/4'  # Refused by the config's rules, before work.
   with pytest.raises(ValueError, match="'mu/4' is not a CLIP image tower"):
-    train.make_model(config, nnx.Rngs(0))
+    config_checks.check(config, num_devices=1)
 
 
 def test_class_names_from_readable_tfds_labels(tmp_path):
@@ -257,31 +261,31 @@ def test_class_names_from_readable_tfds_labels(tmp_path):
   label = mock.Mock(names=['aircraft_carrier', 'airplane', 'alarm_clock'])
   builder = mock.Mock(info=mock.Mock(features={'label': label}))
   with mock.patch('tensorflow_datasets.builder', return_value=builder):
-    assert zeroshot.class_names(config) == [
+    assert zeroshot_head.class_names(config) == [
         'aircraft carrier', 'airplane', 'alarm clock']  # DomainNet's style.
     config.dataset.num_classes = 4
     with pytest.raises(ValueError, match='3 label names but'):
-      zeroshot.class_names(config)
+      zeroshot_head.class_names(config)
 
 
 def test_head_cache_is_reused_and_recomputed_when_stale(hf_clip, tmp_path):
   _, _, path = hf_clip
   config = _config(path, _class_file(tmp_path))
   head = (np.eye(10, 16, dtype=np.float32), 50.0)
-  with mock.patch.object(zeroshot, 'head_weights',
+  with mock.patch.object(zeroshot_head, 'head_weights',
                          return_value=head) as compute:
     for _ in range(2):  # Computed once, then read.
-      w, scale = zeroshot.cached_head_weights(config, str(tmp_path))
+      w, scale = zeroshot_head.cached_head_weights(config, str(tmp_path))
     assert compute.call_count == 1
     np.testing.assert_array_equal(w, head[0])
     assert scale == 50.0
     config.zeroshot.templates = ('a {}.',)  # Other prompts: recomputed.
-    zeroshot.cached_head_weights(config, str(tmp_path))
+    zeroshot_head.cached_head_weights(config, str(tmp_path))
     assert compute.call_count == 2
-    with open(tmp_path / zeroshot.CACHE_FILE, 'r+b') as f:
+    with open(tmp_path / zeroshot_head.CACHE_FILE, 'r+b') as f:
       f.truncate(100)  # A damaged cache is never used.
-    zeroshot.cached_head_weights(config, str(tmp_path))
+    zeroshot_head.cached_head_weights(config, str(tmp_path))
     assert compute.call_count == 3
   with pytest.raises(FileNotFoundError, match='tokenizer.json'):
     config.zeroshot.tokenizer = str(tmp_path / 'tokenizer.json')
-    zeroshot.cached_head_weights(config, str(tmp_path / 'other'))
+    zeroshot_head.cached_head_weights(config, str(tmp_path / 'other'))

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 
 from configs import demo as demo_config
-from train import demo
+from train import analysis
+from train import comparison
 from train import digits_domains
 from tests import trainlib
 
@@ -29,7 +30,7 @@ def test_dominance_by_hand():
   curve = lambda *points: {'grid_key': 'x', 'on': {}, 'points': {
       i: {'id': [a], 'ood': [b], 'val': [0.0]} for i, (a, b) in
       enumerate(points)}}
-  verdict = demo.dominated_by({
+  verdict = analysis.dominated_by({
       'A': curve((0.9, 0.5), (0.8, 0.6)),
       'B': curve((0.9, 0.55), (0.85, 0.6)),  # Beats every point of A.
       'C': curve((0.95, 0.3)),  # Best ID: nobody covers it.
@@ -41,7 +42,7 @@ def test_dominance_by_hand():
 def test_demo_end_to_end_in_the_papers_regime(tmp_path):
   config = demo_config.get_config('smoke')
   config.workers = 2  # The runs in worker processes (train.sweep).
-  summary = demo.run(config, str(tmp_path))
+  summary = comparison.run_comparison(config, str(tmp_path))
   methods = summary['methods']
   assert list(methods) == list(config.method_order)
   for method, s in methods.items():
@@ -73,7 +74,7 @@ def test_demo_end_to_end_in_the_papers_regime(tmp_path):
   assert len(ft_runs) == 1
   shutil.rmtree(tmp_path / 'runs' / ft_runs[0])
   config.workers = 1
-  again = demo.run(config, str(tmp_path))
+  again = comparison.run_comparison(config, str(tmp_path))
   assert os.path.exists(tmp_path / 'runs' / ft_runs[0] / 'result.json')
   assert again['wall_seconds'] < summary['wall_seconds']
   del again['wall_seconds'], summary['wall_seconds']

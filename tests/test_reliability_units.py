@@ -20,6 +20,8 @@ import pytest
 from configs import tiny
 from train import checkpoints
 from train import config_checks
+from train import evaluation
+from train import finetune
 from train import input_pipeline
 from train import metrics
 from train import workdir_lock
@@ -227,7 +229,6 @@ def test_an_empty_split_is_reported_as_empty(digits_data_dir):
 
 def test_an_eval_crash_loses_no_training(digits_data_dir, tmp_path,
                                          monkeypatch):
-  from train import train  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.dataset.data_dir = digits_data_dir
   config.num_train_steps = 3  # Logged at 2 and 3, saved at 3.
@@ -238,12 +239,12 @@ def test_an_eval_crash_loses_no_training(digits_data_dir, tmp_path,
     raise RuntimeError('eval crashed')
 
   with monkeypatch.context() as m:
-    m.setattr(train, 'evaluate', crash)
+    m.setattr(evaluation, 'accuracies', crash)
     with pytest.raises(RuntimeError, match='eval crashed'):
-      train.train_and_evaluate(config, workdir, print_summary=False)
+      finetune.train_and_evaluate(config, workdir, print_summary=False)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   assert checkpoints.Checkpointer(ckpt_dir).all_steps() == [2]  # Saved.
-  train.train_and_evaluate(config, workdir, print_summary=False)
+  finetune.train_and_evaluate(config, workdir, print_summary=False)
   rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   # Step 2's evaluation, lost to the crash, is done when the run resumes.
   assert [(r['step'], 'eval/id_accuracy' in r) for r in rows] == [

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from train import finetune
 from train import input_pipeline
-from train import optimizers
-from train import train
+from train import mesh as mesh_lib
+from train import model_setup
+from train import train_modes
 from tests import trainlib
 
 CASES = [('adam', 0), ('adamw', 0), ('l2sp', 0), ('spd', 0), ('projection', 0),
@@ -25,20 +27,21 @@ def test_two_real_steps_move_what_each_optimizer_trains(
   config.model.lora_rank = lora_rank
   if name == 'projection':  # lambda = 1 would pin every layer at its anchor.
     config.optimizer.weight_decay = 0.5
-  mesh = train.make_mesh(config)
+  mesh = mesh_lib.make_mesh(config)
   batches = input_pipeline.train_batches(
       config.dataset, global_batch_size=config.batch_size, seed=0)
   with jax.set_mesh(mesh):
-    model = train.make_model(config, nnx.Rngs(0))
-    train.shard_module(model, mesh)
+    model = model_setup.make_model(config, nnx.Rngs(0))
+    mesh_lib.shard_module(model, mesh)
     before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
-    tx = optimizers.make_optimizer(config, lora=lora_rank > 0)
-    optimizer = nnx.Optimizer(model, tx, wrt=train.trainable_filter(config))
+    # The optimizer and what it trains, as the loop builds them.
+    optimizer = nnx.Optimizer(model, train_modes.make_optimizer(config),
+                              wrt=train_modes.trainable(config))
     # The head starts at zero, so the body first gets gradients at step 2.
     for step in range(2):
-      out = train.train_step(model, optimizer,
-                             train.shard_batch(next(batches), mesh),
-                             jax.random.key(step), None)
+      out = finetune.train_step(model, optimizer,
+                                mesh_lib.shard_batch(next(batches), mesh),
+                                jax.random.key(step), None)
   assert np.isfinite(out['train/loss'])
   if name == 'spd':
     assert 0.0 <= out['train/spd_projected_fraction'] <= 1.0

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from train import checkpoints
 from train import metrics
 from train import preemption
-from train import train
+from train import finetune
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')
@@ -35,7 +35,7 @@ def main(argv):
   logging.info('JAX process %d/%d, %d local devices', jax.process_index(),
                jax.process_count(), jax.local_device_count())
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    finetune.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except preemption.Preempted as e:  # Saved: a clean stop.
     logging.warning('%s', e)
   except Exception as e:  # pylint: disable=broad-except

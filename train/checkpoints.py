@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train import files
 from train import integrity
 
 
@@ -180,12 +181,12 @@ class Checkpointer:
   def _set_aside(self, step: int) -> str:
     """Renames a damaged step out of the way (the run will save it anew)."""
     src = os.path.join(self.directory, str(step))
-    dst = os.path.join(self.directory, f'damaged_step_{step}_{int(time.time())}')
+    dst = None
     if jax.process_index() == 0 and os.path.exists(src):
-      os.replace(src, dst)
+      dst = files.set_aside(src, 'damaged_step')
     multihost_utils.sync_global_devices(f'set aside damaged step {step}')
     self._manager.reload()
-    return dst
+    return dst or f'{src} (moved aside by process 0)'
 
   def close(self) -> None:
     """Waits for the last save, then releases Orbax's resources."""

@@ -41,7 +41,9 @@ from typing import Sequence
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import tokenizers
 
 from train import models
 
@@ -149,6 +151,12 @@ class TextTransformer(nnx.Module):
 EOT_TOKEN = '<|endoftext|>'
 
 
+def tokenizer_path(config: ml_collections.ConfigDict) -> str:
+  """``config.zeroshot.tokenizer``, else ``tokenizer.json`` of the checkpoint."""
+  return os.path.expanduser(config.zeroshot.tokenizer or os.path.join(
+      config.pretrained.path, 'tokenizer.json'))
+
+
 class Tokenizer:
   """A checkpoint's ``tokenizer.json``, padded to the batch's longest prompt.
 
@@ -157,7 +165,6 @@ class Tokenizer:
   """
 
   def __init__(self, path: str):
-    from tokenizers import Tokenizer as _Tokenizer  # pylint: disable=g-import-not-at-top
     file = os.path.join(path, 'tokenizer.json') if os.path.isdir(path) else (
         path)
     if not os.path.isfile(file):
@@ -169,7 +176,7 @@ class Tokenizer:
           ' transformers as t; t.CLIPTokenizer.from_pretrained(DIR)'
           '.save_pretrained(DIR)"')
     self.file = file
-    self._tokenizer = _Tokenizer.from_file(file)
+    self._tokenizer = tokenizers.Tokenizer.from_file(file)
     self._tokenizer.no_padding()
     self._tokenizer.no_truncation()
     self.eot_token_id = self._tokenizer.token_to_id(EOT_TOKEN)

@@ -3,11 +3,16 @@
 The flag parser already refuses unknown keys and wrong types; this module
 catches the rest before any work starts (a negative learning rate that trains
 uphill, ``keep_checkpoints=0`` that deletes every checkpoint, a batch that
-cannot be split over the devices, ...). Every rule is one line of ``RULES``:
+cannot be split over the devices, a zero-shot head on a model that is not
+CLIP, ...). It is the one place where config rules live: the modules that read
+a config trust it. Every rule on one field is one line of ``RULES``:
 ``(key, allowed)``; a key a config does not have is skipped, so a new field
 is one new line::
 
   ('optimizer.learning_rate', Range(lo=0)),
+
+Rules that relate several fields are functions of the config in
+``CROSS_FIELD_RULES``; the demo's own config has ``DEMO_RULES``.
 
     >>> from configs import tiny
     >>> config = tiny.get_config()
@@ -22,8 +27,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 
-from train import lp_ft
+from train import models
 from train import optimizers
+from train import train_modes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +137,7 @@ RULES: Sequence[tuple[str, Any]] = (
     ('optimizer.grad_clip_norm', NON_NEGATIVE),
     ('optimizer.anchor_dtype', OneOf(('', 'float32', 'bfloat16', 'float16'))),
     ('optimizer.max_nonfinite', NON_NEGATIVE),
-    ('train_mode', OneOf(lp_ft.MODES)),
+    ('train_mode', OneOf(train_modes.MODES)),
     ('lp_ft.probe_steps', NON_NEGATIVE),
     ('lp_ft.probe_learning_rate', NON_NEGATIVE),
     ('wise_ft.alphas', PROBABILITY),
@@ -148,6 +154,14 @@ RULES: Sequence[tuple[str, Any]] = (
 # Global batch sizes that are split over every device of every process.
 SPLIT_OVER_DEVICES = ('batch_size', 'eval_batch_size')
 
+# The demo's config (configs/demo.py): its sweep, not a run.
+DEMO_RULES: Sequence[tuple[str, Any]] = (
+    ('workers', Where(lambda v: isinstance(v, int) and not isinstance(
+        v, bool) and v >= 0, 'an integer >= 0 (0: one per CPU core on CPU,'
+        ' 1 on an accelerator)')),
+    ('min_id_gap', PROBABILITY),
+)
+
 
 def _get(config: ml_collections.ConfigDict, key: str):
   node = config
@@ -158,17 +172,65 @@ def _get(config: ml_collections.ConfigDict, key: str):
   return node
 
 
-def problems(config: ml_collections.ConfigDict, *,
-             num_devices: int) -> list[str]:
-  """One line per value that breaks a rule (empty when the config is fine)."""
+def _lp_ft_has_a_probe(config, num_devices) -> list[str]:
+  del num_devices
+  if config.get('train_mode') == 'lp_ft' and config.lp_ft.probe_steps < 1:
+    return [f'config.train_mode=lp_ft needs config.lp_ft.probe_steps >= 1,'
+            f' got {config.lp_ft.probe_steps}']
+  return []
+
+
+def _zero_shot_head_fits(config, num_devices) -> list[str]:
+  """A zero-shot head needs a CLIP tower with a projection, and its text."""
+  del num_devices
+  if config.get('model', {}).get('head_init') != 'zeroshot':
+    return []
+  shape = models.MODEL_CONFIGS.get(config.model.name)
   out = []
-  for key, allowed in RULES:
+  if shape is None or shape.variant != 'clip' or not shape.projection_dim:
+    out.append(f'config.model.name={config.model.name!r} is not a CLIP'
+               ' image tower with a projection')
+  if not config.pretrained.path:
+    out.append('config.pretrained.path is empty (the text tower comes'
+               ' from it)')
+  if config.model.num_classes != config.dataset.num_classes:
+    out.append(f'config.model.num_classes={config.model.num_classes}'
+               ' differs from config.dataset.num_classes='
+               f'{config.dataset.num_classes}')
+  return ["config.model.head_init='zeroshot': " + p for p in out]
+
+
+def _mesh_covers_the_devices(config, num_devices) -> list[str]:
+  if 'mesh' not in config:
+    return []
+  data, fsdp = config.mesh.data, config.mesh.fsdp
+  if fsdp < 1 or (data > 0 and data * fsdp != num_devices) or (
+      num_devices % fsdp):
+    return [f'config.mesh: data={data} x fsdp={fsdp} does not cover the'
+            f' {num_devices} devices (data=-1: all that fsdp leaves)']
+  return []
+
+
+CROSS_FIELD_RULES = (_lp_ft_has_a_probe, _zero_shot_head_fits,
+                     _mesh_covers_the_devices)
+
+
+def _field_problems(config, rules) -> list[str]:
+  out = []
+  for key, allowed in rules:
     try:
       value = _get(config, key)
     except KeyError:
       continue
     if not allowed(value):
       out.append(f'config.{key}={value!r}: must be {allowed}')
+  return out
+
+
+def problems(config: ml_collections.ConfigDict, *,
+             num_devices: int) -> list[str]:
+  """One line per value that breaks a rule (empty when the config is fine)."""
+  out = _field_problems(config, RULES)
   for key in SPLIT_OVER_DEVICES:
     try:
       value = _get(config, key)
@@ -177,12 +239,26 @@ def problems(config: ml_collections.ConfigDict, *,
     if isinstance(value, int) and value > 0 and value % num_devices:
       out.append(f'config.{key}={value}: must be a multiple of the'
                  f' {num_devices} devices')
+  for rule in CROSS_FIELD_RULES:
+    out += rule(config, num_devices)
   return out
+
+
+def _raise_if(found: list[str]) -> None:
+  if found:
+    raise ValueError('Invalid config (nothing was run):\n  '
+                     + '\n  '.join(found))
 
 
 def check(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   """Raises ``ValueError`` naming every bad key and its allowed range."""
-  found = problems(config, num_devices=num_devices)
-  if found:
-    raise ValueError('Invalid config (nothing was run):\n  '
-                     + '\n  '.join(found))
+  _raise_if(problems(config, num_devices=num_devices))
+
+
+def check_demo(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+  """``check`` for the demo's config: its own fields, its two stages'."""
+  found = _field_problems(config, DEMO_RULES)
+  for stage in ('foundation', 'finetune'):
+    found += [p.replace('config.', f'config.{stage}.', 1) for p in
+              problems(config[stage], num_devices=num_devices)]
+  _raise_if(found)

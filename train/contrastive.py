@@ -23,7 +23,6 @@ Example (two digits, each in two domains, identical renders: a low loss):
 0.0001
 """
 
-import json
 import os
 
 from flax import nnx
@@ -34,9 +33,11 @@ import numpy as np
 import optax
 import tqdm
 
+from train import config_checks
 from train import input_pipeline
 from train import models
 from train import optimizers
+from train import run_identity
 from train import weights
 
 
@@ -80,17 +81,30 @@ def pretrain(config: ml_collections.ConfigDict, path: str) -> str:
       (the ``mixture`` of all domains), ``optimizer``, ``num_train_steps``,
       ``batch_size`` (digits per step, two views each), ``temperature``,
       ``embedding_dim``, ``seed``.
-    path: the ``.npz`` to write (``train.weights`` format). Reused when it
-      is there with ``path + '.json'``, the config it was trained with.
+    path: the ``.npz`` to write (``train.weights`` format), with its record
+      ``path + '.json'`` (``train.run_identity``): reused when it was trained
+      from this config and its bytes are intact; a damaged or stale one is
+      moved aside, named, and trained again.
 
   Returns:
     ``path``.
   """
-  current = json.loads(config.to_json_best_effort(sort_keys=True))
-  if os.path.exists(path) and os.path.exists(path + '.json'):
-    with open(path + '.json') as f:
-      if json.load(f) == current:
-        return path
+  config_checks.check(config, num_devices=jax.device_count())
+  # Prepared first: the identity holds the set's version and sizes.
+  input_pipeline.source(config.dataset.name, config.dataset.train_split,
+                        config.dataset)
+  ident = run_identity.identity(config)
+  record = path + '.json'
+  if run_identity.reuse(record, ident, data_files=[path]) is not None:
+    return path
+  model = _train(config)
+  weights.save_npz(model, path)  # Atomic.
+  run_identity.write_record(record, ident, data_files=[path])
+  return path
+
+
+def _train(config: ml_collections.ConfigDict) -> models.VisionTransformer:
+  """The contrastive pre-training itself: returns the trained model."""
   views = _views(config.dataset, config.dataset.train_split)
   num_digits, num_domains = views.shape[:2]
   model = models.VisionTransformer(
@@ -117,8 +131,4 @@ def pretrain(config: ml_collections.ConfigDict, path: str) -> str:
   if not np.isfinite(float(loss)):
     raise FloatingPointError(f'Contrastive pre-training diverged (loss'
                              f' {float(loss)}); lower its learning rate.')
-  weights.save_npz(model, path)  # Atomic.
-  with open(path + '.json.tmp', 'w') as f:
-    json.dump(current, f, indent=1)
-  os.replace(path + '.json.tmp', path + '.json')
-  return path
+  return model

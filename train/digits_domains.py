@@ -143,6 +143,7 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
             for name, indices in splits.items()}
 
   def _generate_examples(self, indices):
+    # Imported here: it takes seconds, and only building the set needs it.
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
     digits = datasets.load_digits()
     domains = DOMAINS if self.builder_config.name == 'mixture' else (

@@ -37,8 +37,24 @@ import tensorflow_datasets as tfds
 # -- Sources ------------------------------------------------------------------
 
 
-def _data_dir(dataset: ml_collections.ConfigDict):
+def data_dir(dataset: ml_collections.ConfigDict) -> str | None:
+  """The TFDS ``data_dir`` of ``config.dataset`` (None: TFDS's default)."""
   return os.path.expanduser(dataset.data_dir) if dataset.data_dir else None
+
+
+def import_builder_module(dataset: ml_collections.ConfigDict) -> None:
+  """Imports ``dataset.tfds_module``, which registers a set's TFDS builder."""
+  _import_module(dataset.get('tfds_module', ''))
+
+
+def _import_module(module: str) -> None:
+  if module:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise ValueError(
+          f'config.dataset.tfds_module={module!r} cannot be imported: {e}'
+      ) from e
 
 
 def _ensure_prepared(name: str, data_dir, *, module: str = '',
@@ -54,13 +70,7 @@ def _ensure_prepared(name: str, data_dir, *, module: str = '',
       files) when the set is missing (``config.dataset.prepare``): for sets
       that need no manual download, such as ``digits_domains``.
   """
-  if module:
-    try:
-      importlib.import_module(module)
-    except ImportError as e:
-      raise ValueError(
-          f'config.dataset.tfds_module={module!r} cannot be imported: {e}'
-      ) from e
+  _import_module(module)
   try:
     builder = tfds.builder(name, data_dir=data_dir,
                            file_format='array_record')
@@ -101,7 +111,7 @@ def source(name: str, split: str, dataset: ml_collections.ConfigDict) -> Any:
   examples are kept in memory (for small sets: the demo's digits), shared by
   every later call in the process.
   """
-  args = (name, split, _data_dir(dataset), dataset.get('tfds_module', ''),
+  args = (name, split, data_dir(dataset), dataset.get('tfds_module', ''),
           bool(dataset.get('prepare', False)))
   if dataset.cache_in_memory:
     return _cached_source(*args)

@@ -10,8 +10,12 @@ import logging
 import os
 from typing import Any, Mapping
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+
+from train import files
 
 
 class _QuietLibraries(logging.Filter):
@@ -29,7 +33,6 @@ class _QuietLibraries(logging.Filter):
 
 def quiet_libraries() -> None:
   """Keeps our INFO logs and the libraries' warnings; drops their INFO."""
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
@@ -41,7 +44,6 @@ class MetricWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if self.enabled and tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
@@ -61,11 +63,9 @@ class MetricWriter:
       logging.warning('Removed a torn last line (cut by a kill) from %s.',
                       self.path)
     if torn or len(kept) != len(rows):
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
+      with files.atomic_write(self.path) as f:
         for r in kept:
           f.write(json.dumps(r) + '\n')
-      os.replace(tmp, self.path)
 
   def has_row(self, step: int, prefix: str) -> bool:
     """Whether a row of ``step`` has a key starting with ``prefix``."""

@@ -112,7 +112,7 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 def _sharded(init, names):
-  # Metadata only: ``train.train.shard_module`` places the arrays once the
+  # Metadata only: ``train.mesh.shard_module`` places the arrays once the
   # model is built (and loaded), so a model can be built without a mesh.
   return nnx.with_partitioning(init, names, eager_sharding=False)
 

@@ -15,7 +15,7 @@ clipping, so that ablations differ in one line of config:
 The peak learning rate and ``weight_decay`` are injected hyperparameters
 (``optax.inject_hyperparams``): they live in the optimizer state as arrays,
 so runs that differ only in them (a sweep) compile to the same program, and
-:func:`comparable` lets such runs in one process reuse one compiled step.
+:func:`keyed_by_config` lets such runs in one process reuse one compiled step.
 
 A new head has no pre-trained weights to return to: ``decay_head=False``
 leaves it out of L2-SP and SPD (plain Adam), as the paper's code would need a
@@ -65,7 +65,8 @@ def make_optimizer(
   """Builds the transformation named by ``config.optimizer.name``.
 
   Args:
-    config: the run's config; reads ``optimizer.*`` and ``num_train_steps``.
+    config: the run's config, checked (``train.config_checks``); reads
+      ``optimizer.*`` and ``num_train_steps``.
     lora: whether the trained params are LoRA adapters (plus a head): SPD and
       L2-SP then anchor at zero.
 
@@ -74,13 +75,6 @@ def make_optimizer(
     ``optax.apply_if_finite`` wraps it all when ``skip_nonfinite`` is set.
   """
   opt = config.optimizer
-  if opt.name not in METHODS:
-    raise ValueError(
-        f'config.optimizer.name={opt.name!r} is not one of {METHODS}.'
-    )
-  for name in _INJECTED:
-    if opt[name] < 0:
-      raise ValueError(f'config.optimizer.{name}={opt[name]} must be >= 0.')
   shape = schedule_shape(opt.warmup_steps, config.num_train_steps)
   clip = (
       [optax.clip_by_global_norm(opt.grad_clip_norm)]
@@ -128,25 +122,28 @@ def _method(opt, schedule, weight_decay, lora: bool):
 _INJECTED = ('learning_rate', 'weight_decay')
 
 
-class Comparable(optax.GradientTransformationExtraArgs):
-  """A transformation equal to any other built from the same structure.
+class KeyedTransformation(optax.GradientTransformationExtraArgs):
+  """A transformation that compares equal by a key, to share compiled steps.
 
   ``nnx.Optimizer`` keeps its transformation in the graph definition, which
   keys ``nnx.jit``'s cache: two runs of a sweep would trace and compile the
   same step twice. Their updates differ only in the injected values, which
-  are read from the state, so this compares ``key`` (the config without
+  are read from the state, so equality compares ``key`` (the config without
   them) instead of the functions' identities.
   """
 
+  key: str
+
   def __eq__(self, other):
-    return type(other) is Comparable and self.key == other.key
+    return type(other) is KeyedTransformation and self.key == other.key
 
   def __hash__(self):
     return hash(self.key)
 
 
-def comparable(tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict, *, lora: bool) -> Comparable:
+def keyed_by_config(tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, *,
+                    lora: bool) -> KeyedTransformation:
   """``tx``, equal to the transformation of any config that differs from
   ``config`` only in ``optimizer.learning_rate`` and ``weight_decay``.
 
@@ -161,6 +158,6 @@ def comparable(tx: optax.GradientTransformation,
   key = json.dumps([opt, config.num_train_steps, config.get('train_mode'),
                     json.loads(config.lp_ft.to_json()) if 'lp_ft' in config
                     else None, lora], sort_keys=True)
-  out = Comparable(tx.init, tx.update)
+  out = KeyedTransformation(tx.init, tx.update)
   out.key = key
   return out

@@ -34,7 +34,7 @@ import jax
 import ml_collections
 
 from train import preemption
-from train import train
+from train import finetune
 
 Job = tuple[Any, ml_collections.ConfigDict, str]  # (key, config, workdir)
 
@@ -191,5 +191,5 @@ def _init_worker(worker_init) -> None:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  results = train.train_and_evaluate(config, workdir, print_summary=False)
+  results = finetune.train_and_evaluate(config, workdir, print_summary=False)
   return {k: float(v) for k, v in results.items()}

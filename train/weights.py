@@ -33,29 +33,42 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+
+from train import clip_text
+from train import files
 
 # -- Reading files ------------------------------------------------------------
 
 
-def read_checkpoint(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of a ``.npz``, ``.safetensors`` or HF folder, by name."""
+def checkpoint_files(path: str) -> list[str]:
+  """The files a checkpoint is read from: ``path``, or a folder's safetensors.
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist.
+    ValueError: a folder without ``*.safetensors``, or another kind of file.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'Pre-trained checkpoint {path!r} (config.pretrained.path) does not'
         ' exist.')
-  if os.path.isdir(path):
-    files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
-    if not files:
-      raise ValueError(
-          f'{path!r} holds no *.safetensors file; save the Hugging Face model'
-          ' with save_pretrained(..., safe_serialization=True) or pass a'
-          ' .npz.')
-  else:
-    files = [path]
+  if not os.path.isdir(path):
+    if not path.endswith(('.npz', '.safetensors')):
+      raise ValueError(f'{path!r}: expected a .npz or .safetensors file.')
+    return [path]
+  found = sorted(glob.glob(os.path.join(path, '*.safetensors')))
+  if not found:
+    raise ValueError(
+        f'{path!r} holds no *.safetensors file; save the Hugging Face model'
+        ' with save_pretrained(..., safe_serialization=True) or pass a'
+        ' .npz.')
+  return found
+
+
+def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of a ``.npz``, ``.safetensors`` or HF folder, by name."""
   tensors = {}
-  for f in files:
-    if not f.endswith(('.npz', '.safetensors')):
-      raise ValueError(f'{f!r}: expected a .npz or .safetensors file.')
+  for f in checkpoint_files(path):
     try:
       tensors.update(_read_file(f))
     except Exception as e:  # pylint: disable=broad-except
@@ -69,7 +82,6 @@ def _read_file(f: str) -> dict[str, np.ndarray]:
   if f.endswith('.npz'):
     with np.load(f) as z:
       return {k: z[k] for k in z.files}
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   tensors = {}
   with safe_open(f, framework='flax') as st:
     for k in st.keys():
@@ -368,9 +380,8 @@ def save_npz(model, path: str) -> None:
                        f' {k!r} it cannot hold.')
     else:
       out[k] = v
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **out)
-  os.replace(tmp, path)
+  with files.atomic_write(path, 'wb') as f:
+    np.savez(f, **out)
 
 
 # -- CLIP's text tower (for the zero-shot head) -------------------------------
@@ -428,7 +439,6 @@ def load_text_tower(path: str, *, eot_token_id: int,
     ValueError: naming the file when it holds no text tower, text projection
       or logit scale (an image-only checkpoint), or a tensor is missing.
   """
-  from train import clip_text  # pylint: disable=g-import-not-at-top
   src = read_checkpoint(path)
   needed = ('text_model.embeddings.token_embedding.weight',
             'text_projection.weight', 'logit_scale')

@@ -1,4 +1,4 @@
-r"""Linear probing and LP-FT: what a run trains, stage by stage.
+r"""What a run trains, stage by stage: full fine-tuning, linear probe, LP-FT.
 
 ``config.train_mode`` picks one of three ways to use a pre-trained model:
 
@@ -44,21 +44,9 @@ MODES = ('full', 'linear_probe', 'lp_ft')
 HEAD = nnx.All(nnx.Param, nnx.PathContains('head'))
 
 
-def _mode(config: ml_collections.ConfigDict) -> str:
-  mode = config.train_mode
-  if mode not in MODES:
-    raise ValueError(f'config.train_mode={mode!r} is not one of {MODES}.')
-  if mode == 'lp_ft' and config.lp_ft.probe_steps < 1:
-    raise ValueError(
-        f'config.train_mode=lp_ft needs config.lp_ft.probe_steps >= 1, got'
-        f' {config.lp_ft.probe_steps}.')
-  return mode
-
-
 def total_steps(config: ml_collections.ConfigDict) -> int:
   """Steps of the whole run: the probe's, then the fine-tuning's."""
-  probe = config.lp_ft.probe_steps if _mode(config) == 'lp_ft' else 0
-  return probe + config.num_train_steps
+  return start_step(config) + config.num_train_steps
 
 
 def start_step(config: ml_collections.ConfigDict) -> int:
@@ -66,12 +54,20 @@ def start_step(config: ml_collections.ConfigDict) -> int:
 
   0, except for LP-FT: the fine-tuning stage starts from the probed head.
   """
-  return config.lp_ft.probe_steps if _mode(config) == 'lp_ft' else 0
+  return config.lp_ft.probe_steps if config.train_mode == 'lp_ft' else 0
 
 
-def trainable_filter(config: ml_collections.ConfigDict, default: Any) -> Any:
-  """The head alone for a linear probe; else ``default``."""
-  return HEAD if _mode(config) == 'linear_probe' else default
+def trainable(config: ml_collections.ConfigDict) -> Any:
+  """The ``nnx`` filter of what the optimizer updates.
+
+  The head alone for a linear probe; with LoRA (``model.lora_rank > 0``) the
+  adapters and the head; else every ``nnx.Param``.
+  """
+  if config.train_mode == 'linear_probe':
+    return HEAD
+  if config.model.lora_rank > 0:
+    return nnx.Any(nnx.LoRAParam, HEAD)
+  return nnx.Param
 
 
 def _probe_config(config: ml_collections.ConfigDict):
@@ -96,25 +92,27 @@ def _head_mask(params):
   return jax.tree.map(lambda x: not x, optimizers.not_head_mask(params))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, *, lora: bool):
+def make_optimizer(config: ml_collections.ConfigDict
+                   ) -> optimizers.KeyedTransformation:
   """``optimizers.make_optimizer``, preceded by the probe for LP-FT.
 
-  The result is :func:`optimizers.comparable`: runs of a sweep share one
+  The result is :func:`optimizers.keyed_by_config`: runs of a sweep share one
   compiled step.
   """
+  lora = config.model.lora_rank > 0
   tx = optimizers.make_optimizer(config, lora=lora)
-  if _mode(config) == 'lp_ft':
+  if config.train_mode == 'lp_ft':
     probe = optimizers.make_optimizer(_probe_config(config), lora=lora)
     first = optax.chain(optax.masked(probe, _head_mask),
                         optax.masked(optax.set_to_zero(),
                                      optimizers.not_head_mask))
     tx = staged(first, tx, config.lp_ft.probe_steps)
-  return optimizers.comparable(tx, config, lora=lora)
+  return optimizers.keyed_by_config(tx, config, lora=lora)
 
 
 def learning_rate(config: ml_collections.ConfigDict, step: int) -> float:
   """The learning rate of step ``step`` (1-based), for logging."""
-  if _mode(config) == 'lp_ft':
+  if config.train_mode == 'lp_ft':
     probe_steps = config.lp_ft.probe_steps
     if step <= probe_steps:
       return optimizers.learning_rate_schedule(_probe_config(config))(step - 1)
