@@ -3,20 +3,20 @@
 Users only ever type ``spd_optax.<name>``.
 """
 
-from spd_optax._adamspd import adamspd
-from spd_optax._anchor import set_anchor
+from spd_optax._anchors import set_anchor
 from spd_optax._diagnostics import diagnostics_summary
 from spd_optax._diagnostics import get_diagnostics
 from spd_optax._diagnostics import projected_fraction
 from spd_optax._l2sp import adaml2sp
-from spd_optax._l2sp import L2SPState
 from spd_optax._l2sp import l2sp
+from spd_optax._l2sp import L2SPState
 from spd_optax._masks import exclude_paths
 from spd_optax._masks import KEY_BIAS_PATTERN
+from spd_optax._spd import adamspd
 from spd_optax._spd import projection_decay
+from spd_optax._spd import ProjectionDiagnostics
 from spd_optax._spd import selective_projection_decay
-from spd_optax._transform import ProjectionDiagnostics
-from spd_optax._transform import SPDState
+from spd_optax._spd import SPDState
 
 __version__ = "0.1.0"
 

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spd_optax import _tree
-from spd_optax._transform import ProjectionDiagnostics
-from spd_optax._transform import SPDState
+from spd_optax import _masks
+from spd_optax._spd import ProjectionDiagnostics
+from spd_optax._spd import SPDState
 
 
 def _find_spd_states(opt_state) -> list[SPDState]:
@@ -46,28 +46,28 @@ def get_diagnostics(opt_state: optax.OptState) -> ProjectionDiagnostics:
   return states[0].diagnostics
 
 
-def _counted_leaves(tree: Any, mask: Optional[_tree.LeafFlags]) -> list[Any]:
+def _counted_leaves(tree: Any, mask: Optional[_masks.LeafFlags]) -> list[Any]:
   """The leaves of a diagnostics tree that SPD acts on and ``mask`` keeps.
 
   ``mask`` has the params' forms: a pytree of bools (or a prefix), or a
   callable of a tree with the params' structure (e.g.
   :func:`spd_optax.exclude_paths`).
   """
-  leaves = jax.tree.leaves(tree, is_leaf=_tree.is_masked_node)
+  leaves = jax.tree.leaves(tree, is_leaf=_masks.is_masked_node)
   if mask is None:
     keep = [True] * len(leaves)
   else:
     like_params = jax.tree.map(
-        lambda x: jnp.zeros([]) if _tree.is_masked_node(x) else x,
-        tree, is_leaf=_tree.is_masked_node,
+        lambda x: jnp.zeros([]) if _masks.is_masked_node(x) else x,
+        tree, is_leaf=_masks.is_masked_node,
     )
-    keep = _tree.resolve_flags(mask, like_params, 'mask')
+    keep = _masks.resolve_flags(mask, like_params, 'mask')
   return [x for x, k in zip(leaves, keep)
-          if k and not _tree.is_masked_node(x)]
+          if k and not _masks.is_masked_node(x)]
 
 
 def projected_fraction(
-    opt_state: optax.OptState, mask: Optional[_tree.LeafFlags] = None
+    opt_state: optax.OptState, mask: Optional[_masks.LeafFlags] = None
 ) -> jax.Array:
   """Fraction of the selected layers that SPD projected at the last step.
 
@@ -96,7 +96,7 @@ def projected_fraction(
 
 
 def diagnostics_summary(
-    opt_state: optax.OptState, mask: Optional[_tree.LeafFlags] = None
+    opt_state: optax.OptState, mask: Optional[_masks.LeafFlags] = None
 ) -> dict[str, jax.Array]:
   """Scalars ready to log: projected fraction, fire rate, deviation norm.
 

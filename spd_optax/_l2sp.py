@@ -5,11 +5,13 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import base  # For NO_PARAMS_MSG, optax's own wording.
 
-from spd_optax import _tree
+from spd_optax import _anchors
+from spd_optax import _checks
+from spd_optax import _masks
 
 
+@_anchors.anchored_state
 class L2SPState(NamedTuple):
   r"""State of :func:`l2sp`.
 
@@ -28,7 +30,7 @@ def l2sp(
     weight_decay: optax.ScalarOrSchedule,
     *,
     anchor: Any = 'params',
-    mask: Optional[_tree.LeafFlags] = None,
+    mask: Optional[_masks.LeafFlags] = None,
     anchor_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""Adds the L2-SP gradient :math:`\lambda (\theta - \theta_0)`.
@@ -65,39 +67,23 @@ def l2sp(
     2018.
   """
   what = 'l2sp'
-  if isinstance(weight_decay, (int, float)) and weight_decay < 0:
-    raise ValueError(f'{what}: weight_decay must be >= 0, got {weight_decay}.')
-  if isinstance(anchor, str) and anchor not in ('params', 'zeros'):
-    raise ValueError(
-        f"{what}: unknown anchor {anchor!r}; expected 'params', 'zeros' or a"
-        ' pytree of arrays with the structure of the params.'
-    )
-  zero_anchor = isinstance(anchor, str) and anchor == 'zeros'
-
-  def selected_leaves(params):
-    return _tree.resolve_flags(True if mask is None else mask, params, 'mask')
+  _checks.check_weight_decay(weight_decay, what)
+  _checks.check_anchor_spec(anchor, what)
+  zero_anchor = _anchors.is_zero_anchor(anchor)
 
   def init_fn(params):
-    selected = selected_leaves(params)
-    if zero_anchor:
-      paths, leaves, _ = _tree.leaves_with_paths(params)
-      for path, leaf, sel in zip(paths, leaves, selected):
-        if sel:
-          _tree.check_inexact(path, leaf, what)
-      stored = optax.EmptyState()
-    else:
-      stored = _tree.init_anchor(params, anchor, selected, anchor_dtype, what)
+    selected = _masks.selected_leaves(mask, params)
+    stored = _anchors.init_anchor(params, anchor, selected, anchor_dtype, what)
     return L2SPState(count=jnp.zeros([], jnp.int32), anchor=stored)
 
   def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(base.NO_PARAMS_MSG)
+    _checks.check_params(params)
     lam = weight_decay(state.count) if callable(weight_decay) else weight_decay
-    selected = selected_leaves(params)
+    selected = _masks.selected_leaves(mask, params)
     update_leaves, treedef = jax.tree.flatten(updates)
     param_leaves = jax.tree.leaves(params)
-    anchor_leaves = _tree.anchor_leaves(state.anchor, zero_anchor,
-                                        len(param_leaves))
+    anchor_leaves = _anchors.anchor_leaves(state.anchor, zero_anchor,
+                                           len(param_leaves))
     out = []
     for g, p, a, sel in zip(update_leaves, param_leaves, anchor_leaves, selected):
       if not sel:
@@ -123,7 +109,7 @@ def adaml2sp(
     weight_decay: optax.ScalarOrSchedule = 1e-2,
     *,
     anchor: Any = 'params',
-    mask: Optional[_tree.LeafFlags] = None,
+    mask: Optional[_masks.LeafFlags] = None,
     anchor_dtype: Optional[Any] = None,
     mu_dtype: Optional[Any] = None,
     nesterov: bool = False,

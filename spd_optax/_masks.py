@@ -1,4 +1,9 @@
-r"""Masks by parameter path: leave leaves out of SPD or out of its diagnostics.
+r"""Which leaves SPD acts on: per-leaf flags, and masks by parameter path.
+
+The anchored transformations take per-leaf options (``mask``,
+``stacked_layers``) as ``LeafFlags``; :func:`resolve_flags` expands one
+into a Python bool per leaf. :func:`exclude_paths` builds a mask from regular
+expressions over the leaves' paths.
 
 Some parameters have an exactly zero true gradient, so that SPD's test on them
 is decided by rounding noise. The attention *key bias* is one: a query
@@ -13,10 +18,15 @@ leaves out, in one line.
 
 from collections.abc import Callable
 import re
-from typing import Any
+from typing import Any, Optional, Union
 
 import jax
+import numpy as np
 import optax
+
+# A bool, a pytree of bools (same structure as the params, or a prefix of it),
+# or a callable that maps the params to such a pytree.
+LeafFlags = Union[bool, Any, Callable[[optax.Params], Any]]
 
 # The attention key bias under the names used by Flax (``key/bias``, as in
 # big_vision and this project's ViT), Hugging Face ViT (``key/bias``) and CLIP
@@ -24,11 +34,68 @@ import optax
 KEY_BIAS_PATTERN = r'(^|/)(key|k_proj)/bias$'
 
 
-def _entry_name(entry: Any) -> str:
-  for attribute in ('key', 'name', 'idx'):
-    if hasattr(entry, attribute):
-      return str(getattr(entry, attribute))
-  return str(entry)
+def is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def leaves_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
+  """Flattens ``tree`` into (path strings, leaves, treedef).
+
+  The path strings (``"['enc']['w']"``) are the ones error messages name.
+  """
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [jax.tree_util.keystr(path) for path, _ in path_leaves]
+  leaves = [leaf for _, leaf in path_leaves]
+  return paths, leaves, treedef
+
+
+def resolve_flags(
+    flags: LeafFlags, params: optax.Params, name: str
+) -> list[bool]:
+  """Expands ``flags`` into one Python bool per leaf of ``params``.
+
+  Args:
+    flags: ``None``/bool (the same for every leaf), a pytree of bools with the
+      structure of ``params`` or a prefix of it, or a callable returning one.
+    params: the parameter tree.
+    name: the argument's name, for error messages.
+
+  Returns:
+    A list of bools aligned with ``jax.tree.leaves(params)``.
+  """
+  num_leaves = len(jax.tree.leaves(params))
+  if callable(flags):
+    flags = flags(params)
+  if flags is None or isinstance(flags, (bool, np.bool_)):
+    return [bool(flags)] * num_leaves
+  flag_leaves, flag_def = jax.tree.flatten(flags)
+  try:
+    subtrees = flag_def.flatten_up_to(params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f'`{name}` must be a bool, or a pytree of bools with the structure of'
+        f' the params (or a prefix of it), or a callable returning one; its'
+        f' structure {flag_def} does not fit the params'
+        f' {jax.tree.structure(params)}: {e}'
+    ) from e
+  resolved = []
+  for flag, subtree in zip(flag_leaves, subtrees):
+    try:
+      flag = bool(flag)
+    except Exception as e:  # A traced or multi-element array.
+      raise ValueError(
+          f'`{name}` leaves must be Python bools known at trace time, got'
+          f' {flag!r}.'
+      ) from e
+    resolved.extend([flag] * len(jax.tree.leaves(subtree)))
+  return resolved
+
+
+def selected_leaves(
+    mask: Optional[LeafFlags], params: optax.Params
+) -> list[bool]:
+  """The leaves a transformation acts on: all of them when ``mask`` is None."""
+  return resolve_flags(True if mask is None else mask, params, 'mask')
 
 
 def path_name(path: tuple[Any, ...]) -> str:
@@ -40,7 +107,7 @@ def path_name(path: tuple[Any, ...]) -> str:
   if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
       path[-1].name == 'value'):
     path = path[:-1]
-  return '/'.join(_entry_name(entry) for entry in path)
+  return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
 def exclude_paths(*patterns: str) -> Callable[[optax.Params], Any]:

@@ -2,7 +2,7 @@ r"""The projection of one leaf: SPD's arithmetic, apart from the bookkeeping.
 
 Everything here is per leaf (or per stack of layers) and pure: the reductions
 that decide whether a leaf is projected and by how much, and the final update.
-:mod:`spd_optax._transform` calls it for each selected leaf.
+:mod:`spd_optax._spd` calls it for each selected leaf.
 """
 
 import jax.numpy as jnp

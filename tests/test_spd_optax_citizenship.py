@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import spd_optax
+from tests import reference
 
 # Every public factory, built on one inner optimizer, with kwargs.
 FACTORIES = {
@@ -194,14 +195,73 @@ def test_updates_keep_param_dtype(name, dtype):
     assert params.dtype == jnp.dtype(dtype)
 
 
+# The factories that tests/reference.py computes independently: Adam inside,
+# with the factory's lambda, anchor and selection rule.
+REFERENCE = {
+    'adamspd': dict(lam=1.0, anchor='params', selective=True),
+    'adamspd_zeros': dict(lam=0.5, anchor='zeros', selective=True),
+    'projection_decay': dict(lam=0.1, anchor='params', selective=False),
+}
+
+
 @pytest.mark.parametrize('name', sorted(FACTORIES))
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
-def test_multisteps_accumulates(name, dtype):
-  opt = optax.MultiSteps(FACTORIES[name](1e-3), every_k_schedule=4)
-  params = jnp.array([1.0, 2.0], dtype)
-  state = jax.jit(opt.init)(params)
-  updates, _ = jax.jit(opt.update)(2 * params, state, params)
-  np.testing.assert_array_equal(updates, jnp.zeros_like(params))
+def test_multisteps_emits_the_update_of_the_mean_gradient(name, dtype):
+  """Every k-th step emits what the optimizer gives for the mean gradient.
+
+  Two rounds of k = 4 mini-steps whose mean gradients point opposite ways,
+  the second weaker so that momentum still moves away from the anchor: SPD
+  projects at the second emitting step, with r_t > 0 (the first sits on the
+  anchor). Each emitted update is checked against the plain optimizer fed the
+  mean gradient and, for the Adam-based SPD factories in float32, against the
+  float64 NumPy reference of tests/reference.py.
+  """
+  k, lr = 4, 0.1
+  opt = optax.MultiSteps(FACTORIES[name](lr), every_k_schedule=k)
+  plain = FACTORIES[name](lr)
+  params = jnp.array([1.0, 2.0, -1.5], dtype)
+  # Mini-batch gradients that differ; the mean of each round has one sign.
+  rounds = [
+      [jnp.array(s * np.array([w, 2 * w, -w]), dtype)
+       for w in (0.5, 3.0, -1.0, 1.5)]
+      for s in (1.0, -0.5)
+  ]
+  state, plain_state = jax.jit(opt.init)(params), plain.init(params)
+  update, plain_update = jax.jit(opt.update), jax.jit(plain.update)
+  p = plain_p = params
+  emitted, expected = [], []
+  for grads in rounds:
+    for i, g in enumerate(grads):
+      u, state = update(g, state, p)
+      if i < k - 1:
+        np.testing.assert_array_equal(u, jnp.zeros_like(params))
+      p = optax.apply_updates(p, u)
+    emitted.append(u)
+    mean = jnp.mean(jnp.stack([g.astype(jnp.float32) for g in grads]), 0)
+    pu, plain_state = plain_update(mean.astype(dtype), plain_state, plain_p)
+    plain_p = optax.apply_updates(plain_p, pu)
+    expected.append(pu)
+  assert emitted[1].dtype == jnp.dtype(dtype)
+  tol = {'bfloat16': 1e-2, 'float32': 1e-6}[dtype]
+  for u, pu in zip(emitted, expected):
+    np.testing.assert_allclose(np.asarray(u, np.float32),
+                               np.asarray(pu, np.float32), rtol=tol, atol=tol)
+  if name in ('adamspd', 'spd_sgd_momentum', 'spd_adamw_leafwise'):
+    # The second emitting step projected, by a ratio r_t > 0.
+    diagnostics = state.inner_opt_state.diagnostics
+    assert bool(diagnostics.projected) and float(diagnostics.ratio) > 0.1
+  if name in REFERENCE and dtype == 'float32':
+    ref = REFERENCE[name]
+    theta0 = {'w': np.asarray(params, np.float64)}
+    anchor = theta0 if ref['anchor'] == 'params' else {'w': np.zeros(3)}
+    means = [np.mean([np.asarray(g, np.float64) for g in grads], 0)
+             for grads in rounds]
+    theta, fired = reference.run_adamspd(
+        theta0, anchor, lambda theta, t: {'w': means[t]}, len(rounds), lr=lr,
+        lam=ref['lam'], selective=ref['selective'])
+    assert any(f['w'] for f in fired)  # The reference projects.
+    np.testing.assert_allclose(np.asarray(p, np.float64), theta['w'],
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('name', sorted(FACTORIES))
@@ -226,20 +286,82 @@ def test_state_dtype_stable_under_cond(name, dtype):
     state = new_state
 
 
-def test_chain_with_clipping_and_partition():
-  params = {'backbone': {'w': jnp.ones((3, 3))}, 'head': {'w': jnp.ones(3)}}
-  opt = optax.partition(
-      {'spd': spd_optax.selective_projection_decay(
-          optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)), 1.0),
-       'plain': optax.adam(1e-1)},
-      {'backbone': 'spd', 'head': 'plain'})
+def _only_masked_nodes(tree):
+  """Whether ``tree`` stores nothing: a MaskedNode, or a tree of them."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  return all(map(is_masked, jax.tree.leaves(tree, is_leaf=is_masked)))
+
+
+@pytest.mark.parametrize('masked_by', ['partition', 'mask'])
+def test_chain_with_clipping_and_a_head_left_out(masked_by):
+  """SPD around clip + Adam on the backbone; the head left out of SPD.
+
+  Left out by ``optax.partition`` (the head gets plain Adam) or by SPD's own
+  ``mask=`` (the head gets the clipped Adam update), the head's update is
+  exactly that inner update and SPD stores no anchor for it; the backbone's
+  update is the float64 reference projection of the inner update, and is
+  projected (with r_t > 0) when the gradient turns.
+  """
+  params = {'backbone': {'w': jnp.linspace(-1.0, 1.0, 9).reshape(3, 3)},
+            'head': {'w': jnp.array([0.5, -1.0, 2.0])}}
+  spd_inner = lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                                  optax.adam(1e-2))
+  if masked_by == 'partition':
+    opt = optax.partition(
+        {'spd': spd_optax.selective_projection_decay(spd_inner(), 1.0),
+         'plain': optax.adam(1e-1)},
+        {'backbone': 'spd', 'head': 'plain'})
+    # What SPD wraps sees the backbone alone; the head sees plain Adam.
+    inners = {'backbone': spd_inner(), 'head': optax.adam(1e-1)}
+  else:
+    opt = spd_optax.selective_projection_decay(
+        spd_inner(), 1.0, mask={'backbone': True, 'head': False})
+    inners = {'both': spd_inner()}  # Clipped by the norm of the whole tree.
+  inner_states = {k: tx.init(params if k == 'both' else {k: params[k]})
+                  for k, tx in inners.items()}
   state = opt.init(params)
-  for sign in [1.0, -1.0, 1.0]:
-    grads = jax.tree.map(lambda p: sign * 10 * p, params)
-    updates, state = jax.jit(opt.update)(grads, state, params)
+  spd_state = lambda state: (state.inner_states['spd'].inner_state
+                             if masked_by == 'partition' else state)
+  # optax.partition hands SPD the head as one MaskedNode; SPD's mask= keeps
+  # the head's structure, with a MaskedNode per leaf.
+  anchor = spd_state(state).anchor
+  assert _only_masked_nodes(anchor['head'])
+  np.testing.assert_array_equal(anchor['backbone']['w'],
+                                params['backbone']['w'])
+  # Eager, so that the inner optimizer runs the same operations here as on
+  # its own and "exactly" is bitwise (two jitted programs may fuse and round
+  # differently).
+  ratios = []  # r_t of the backbone at the steps where it was projected.
+  # Three steps away from the anchor, then a gradient that turns back while
+  # Adam's momentum still moves away: projected with r_t > 0.
+  for sign in [1.0, 1.0, 1.0, -0.5]:
+    grads = jax.tree.map(lambda p: sign * (10 * p + 1), params)
+    updates, state = opt.update(grads, state, params)
+    inner_updates = {}
+    for k, tx in inners.items():
+      tree = lambda t: t if k == 'both' else {k: t[k]}
+      u, inner_states[k] = tx.update(tree(grads), inner_states[k],
+                                     tree(params))
+      inner_updates.update(u)
+    # Left out: exactly the inner update.
+    np.testing.assert_array_equal(updates['head']['w'],
+                                  inner_updates['head']['w'])
+    # Selected: the reference projection of the inner update.
+    g, theta, u = (np.asarray(t['backbone']['w'], np.float64)
+                   for t in (grads, params, inner_updates))
+    expected, fired, ratio = reference.spd_project(
+        g, theta, theta + u, np.asarray(anchor['backbone']['w'], np.float64),
+        1.0)
+    np.testing.assert_allclose(theta + np.asarray(updates['backbone']['w']),
+                               expected, rtol=1e-6, atol=1e-6)
+    diagnostics = spd_state(state).diagnostics
+    assert bool(diagnostics.projected['backbone']['w']) == fired
+    assert _only_masked_nodes(diagnostics.projected['head'])
+    if fired:
+      ratios.append(ratio)
     params = optax.apply_updates(params, updates)
-  # The head moved by plain Adam with lr 0.1 (3 steps of +-0.1).
-  assert spd_optax.get_diagnostics(state).projected['backbone']['w'].dtype == bool
+  assert ratios and min(ratios) > 0.1, ratios
+  assert _only_masked_nodes(spd_state(state).anchor['head'])
 
 
 def test_mask_leaves_other_leaves_untouched_and_unstored():
