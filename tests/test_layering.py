@@ -1,4 +1,5 @@
-"""No import circles among a package's modules, read from the source (AST).
+"""The house's layout, read from the source (AST): no import circles, short
+functions, names that are unique, flags and imports at the top.
 
 Every ``import`` and ``from ... import`` counts, at module level or inside a
 function (a function-level import is a circle put off, not removed).
@@ -19,7 +20,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The packages checked; another one is one more entry.
-PACKAGES = ['spd_optax']
+PACKAGES = ['spd_optax', 'train']
 
 
 def _modules(package_dir: str, package_name: str) -> dict[str, tuple[str, bool]]:
@@ -165,3 +166,64 @@ def test_import_graph_and_find_cycle(tmp_path, files, cycle):
   files = {'__init__.py': '', **files}
   package_dir = _write_package(tmp_path / 'pkg', files)
   assert find_cycle(import_graph(package_dir, 'pkg')) == cycle
+
+
+# -- train/: functions of one screen, one name each, flags and imports on top --
+
+MAX_FUNCTION_LINES = 80
+FIRST_PARTY = ('train', 'spd_optax', 'configs')
+
+
+def _train_sources():
+  modules = _modules(os.path.join(REPO, 'train'), 'train')
+  for module, (path, _) in sorted(modules.items()):
+    with open(path) as f:
+      yield module, ast.parse(f.read(), filename=path)
+
+
+def _functions(tree):
+  return [n for n in ast.walk(tree)
+          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_function_in_train_is_over_80_lines():
+  long = [f'{module}.{fn.name}: {fn.end_lineno - fn.lineno + 1} lines'
+          for module, tree in _train_sources() for fn in _functions(tree)
+          if fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES]
+  assert not long, long
+
+
+def test_no_two_public_functions_in_train_share_a_name():
+  seen = {}
+  for module, tree in _train_sources():
+    for node in tree.body:  # Module level: the public API of each module.
+      if isinstance(node, ast.FunctionDef) and not node.name.startswith('_'):
+        seen.setdefault(node.name, []).append(module)
+  # Every command line's absl entry point is `main`, as absl expects.
+  shared = {n: m for n, m in seen.items() if len(m) > 1 and n != 'main'}
+  assert not shared, shared
+
+
+def _is_flag_definition(call: ast.Call) -> bool:
+  f = call.func
+  return isinstance(f, ast.Attribute) and f.attr.startswith('DEFINE_')
+
+
+def test_flags_are_defined_at_module_top_level_and_first_party_imports_too():
+  misplaced = []
+  for module, tree in _train_sources():
+    top = set(map(id, tree.body))
+    top |= {id(n.value) for n in tree.body if isinstance(n, ast.Expr)}
+    for fn in _functions(tree):
+      for node in ast.walk(fn):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+          names = ([a.name for a in node.names]
+                   if isinstance(node, ast.Import) else [node.module or ''])
+          if any(n.split('.')[0] in FIRST_PARTY for n in names):
+            misplaced.append(f'{module}.{fn.name}: import of {names}')
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Call) and _is_flag_definition(node) and (
+          id(node) not in top):
+        misplaced.append(f'{module}: a flag defined below the top level'
+                         f' (line {node.lineno})')
+  assert not misplaced, misplaced

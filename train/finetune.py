@@ -219,7 +219,7 @@ def _set_up(config, workdir: str, mesh) -> _Run:
   mesh_lib.shard_module(model, mesh)
   wrt = train_modes.trainable(config)
   # Built after the weights are loaded: the anchor is the pre-trained model.
-  optimizer = nnx.Optimizer(model, train_modes.make_optimizer(config),
+  optimizer = nnx.Optimizer(model, train_modes.make_run_optimizer(config),
                             wrt=wrt)
   start_params = None
   if config.optimizer.name in ('adam', 'adamw') and not (

@@ -92,9 +92,9 @@ def _head_mask(params):
   return jax.tree.map(lambda x: not x, optimizers.not_head_mask(params))
 
 
-def make_optimizer(config: ml_collections.ConfigDict
-                   ) -> optimizers.KeyedTransformation:
-  """``optimizers.make_optimizer``, preceded by the probe for LP-FT.
+def make_run_optimizer(config: ml_collections.ConfigDict
+                       ) -> optimizers.KeyedTransformation:
+  """The run's optimizer: its method's, preceded by the probe for LP-FT.
 
   The result is :func:`optimizers.keyed_by_config`: runs of a sweep share one
   compiled step.
