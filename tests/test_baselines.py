@@ -115,6 +115,7 @@ def test_lp_ft_second_stage_starts_from_the_probed_head(digits_data_dir,
                             start['blocks/0/mlp/fc1/kernel'])
 
 
+@pytest.mark.slow
 def test_wise_ft_endpoints_and_midpoint(digits_data_dir, tmp_path):
   config = _config(digits_data_dir, **{'wise_ft.alphas': (0.0, 0.5, 1.0)})
   workdir = str(tmp_path)
@@ -186,6 +187,7 @@ def _kill_at(workdir, data_dir, step):
       os.path.join(workdir, 'checkpoints')).all_steps()[-1]
 
 
+@pytest.mark.slow
 def test_lp_ft_killed_in_either_stage_resumes_bitwise(digits_data_dir,
                                                       tmp_path):
   whole, killed = str(tmp_path / 'whole'), str(tmp_path / 'killed')

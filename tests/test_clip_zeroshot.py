@@ -166,6 +166,7 @@ def test_zero_shot_logits_match_transformers(hf_clip, tmp_path):
   assert np.ptp(expected) > 1.0  # The classes are told apart.
 
 
+@pytest.mark.slow
 def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
     hf_clip, digits_data_dir, tmp_path):
   """`python -m train.zeroshot`, then a run and WiSE-FT in its workdir."""

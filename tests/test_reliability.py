@@ -7,13 +7,13 @@ checks what the program did and that nothing was lost.
 import glob
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,6 +21,10 @@ from train import checkpoints
 from train import metrics
 from train import workdir_lock
 from tests import trainlib
+
+# Every test here runs `python -m train` in subprocesses (kills, signals,
+# several processes): the slow part of the suite.
+pytestmark = pytest.mark.slow
 
 # Slow enough steps (an evaluation each) to be killed in the middle.
 LONG = ('--config.num_train_steps=10', '--config.eval_every_steps=1',
@@ -119,6 +123,24 @@ def test_sigterm_or_sigint_saves_the_step_and_resumes_exactly(
   trainlib.assert_rows_equal(rows_a, rows_b)
 
 
+def test_a_moved_workdir_resumes_exactly_with_its_data_elsewhere(
+    digits_data_dir, tiny_run, tmp_path):
+  """A stopped run, its workdir and its data copied elsewhere, resumes."""
+  first = str(tmp_path / 'first')
+  trainlib.run_train(first, digits_data_dir, '--config.max_steps_per_run=4')
+  moved, data = str(tmp_path / 'disk2' / 'run'), str(tmp_path / 'disk2' / 'tfds')
+  shutil.copytree(first, moved)
+  shutil.copytree(digits_data_dir, data)
+  shutil.rmtree(first)  # The old place is gone.
+  result = trainlib.run_train(moved, data)
+  assert 'Resumed from step 4' in result.stderr
+  model_a, opt_a, rows_a = trainlib.final_state(tiny_run)
+  model_b, opt_b, rows_b = trainlib.final_state(moved)
+  trainlib.assert_trees_equal(model_a, model_b)
+  trainlib.assert_trees_equal(opt_a, opt_b)
+  trainlib.assert_rows_equal(rows_a, rows_b)
+
+
 def test_the_same_command_twice_is_refused_naming_the_holder(
     digits_data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
@@ -169,21 +191,6 @@ def test_damaged_newest_checkpoint_falls_back_and_is_kept(digits_data_dir,
   model_b, opt_b, _ = trainlib.final_state(damaged)
   trainlib.assert_trees_equal(model_a, model_b)
   trainlib.assert_trees_equal(opt_a, opt_b)
-
-
-def test_a_failed_save_leaves_every_good_checkpoint(tmp_path):
-  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2)
-  good = {'w': jnp.arange(4.0)}
-  ckpt.save(3, good, good, {'step': 3})
-  with pytest.raises(ValueError):  # Not an array: fails half-way.
-    ckpt.save(6, {'w': object()}, good, {'step': 6})
-  with pytest.raises(Exception, match='already exists'):
-    ckpt.save(3, {'w': jnp.zeros(4)}, good, {'step': 3})  # No overwrite.
-  assert ckpt.all_steps() == [3]
-  step, model, _, meta = ckpt.restore_latest(good, good)
-  assert step == 3 and meta == {'step': 3}
-  np.testing.assert_array_equal(model['w'], good['w'])
-  ckpt.close()
 
 
 def _free_port():

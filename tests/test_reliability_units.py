@@ -266,3 +266,18 @@ def test_disk_full_is_found_behind_tensorstores_wrapping():
   assert found.errno == errno.ENOSPC
   assert found.filename == '/ckpt/6.orbax-checkpoint-tmp/d/ab'
   assert checkpoints.disk_full_error(RuntimeError('other')) is None
+
+
+def test_a_failed_save_leaves_every_good_checkpoint(tmp_path):
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2)
+  good = {'w': jnp.arange(4.0)}
+  ckpt.save(3, good, good, {'step': 3})
+  with pytest.raises(ValueError):  # Not an array: fails half-way.
+    ckpt.save(6, {'w': object()}, good, {'step': 6})
+  with pytest.raises(Exception, match='already exists'):
+    ckpt.save(3, {'w': jnp.zeros(4)}, good, {'step': 3})  # No overwrite.
+  assert ckpt.all_steps() == [3]
+  step, model, _, meta = ckpt.restore_latest(good, good)
+  assert step == 3 and meta == {'step': 3}
+  np.testing.assert_array_equal(model['w'], good['w'])
+  ckpt.close()

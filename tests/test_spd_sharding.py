@@ -26,6 +26,7 @@ def sharding_tree(tree):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('axis_type', ['Auto', 'Explicit'])
 def test_anchor_sharding_state_type_and_equality(axis_type):
   out = run_with_devices(COMMON + f"""
@@ -68,6 +69,7 @@ print('OK fired', fired)
   assert 'OK fired' in out
 
 
+@pytest.mark.slow
 def test_set_anchor_keeps_sharding_and_bf16_anchor():
   out = run_with_devices(COMMON + """
 mesh = jax.make_mesh((2, 4), ('data', 'fsdp'))

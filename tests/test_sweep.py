@@ -23,6 +23,7 @@ def test_default_workers_one_per_core_on_cpu_and_what_is_asked_otherwise():
   assert sweep.default_workers(3) == 3
 
 
+@pytest.mark.slow
 def test_a_failed_run_in_a_worker_is_raised_here_naming_the_config_key(
     tmp_path):
   bad = tiny.get_config()
@@ -82,6 +83,7 @@ except preemption.Preempted as e:
 '''
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_every_running_run_and_starts_no_other(
     digits_data_dir, tmp_path):
   proc = subprocess.Popen(

@@ -35,7 +35,7 @@ def test_two_real_steps_move_what_each_optimizer_trains(
     mesh_lib.shard_module(model, mesh)
     before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
     # The optimizer and what it trains, as the loop builds them.
-    optimizer = nnx.Optimizer(model, train_modes.make_optimizer(config),
+    optimizer = nnx.Optimizer(model, train_modes.make_run_optimizer(config),
                               wrt=train_modes.trainable(config))
     # The head starts at zero, so the body first gets gradients at step 2.
     for step in range(2):
@@ -60,6 +60,7 @@ def test_two_real_steps_move_what_each_optimizer_trains(
     assert all(moved.values()), [p for p, m in moved.items() if not m]
 
 
+@pytest.mark.slow
 def test_eight_devices_with_fsdp_equal_one_device(digits_data_dir, tmp_path):
   one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
   trainlib.run_train(one, digits_data_dir, num_devices=1)
@@ -82,6 +83,7 @@ def test_eight_devices_with_fsdp_equal_one_device(digits_data_dir, tmp_path):
       2 * one_leaf, 'train/spd_mean_ratio': 0.01})
 
 
+@pytest.mark.slow
 def test_save_restore_continue_equals_never_stopping(digits_data_dir,
                                                      tmp_path):
   whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')

@@ -17,6 +17,8 @@ import sys
 import sysconfig
 import zipfile
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run inside the fresh virtualenv: where spd_optax comes from, that train and
@@ -66,6 +68,7 @@ def _build_wheel(tmp_path) -> str:
   return str(wheel)
 
 
+@pytest.mark.slow
 def test_wheel_holds_the_library_only_and_works_outside_the_repo(tmp_path):
   wheel = _build_wheel(tmp_path)
   with zipfile.ZipFile(wheel) as z:
