@@ -43,6 +43,7 @@ autodoc_typehints = 'none'  # Signatures stay readable; Args say the types.
 autodoc_member_order = 'bysource'
 autodoc_default_options = {'members': False}
 add_module_names = False
+python_use_unqualified_type_names = True  # SPDState.diagnostics: ProjectionDiagnostics.
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
