@@ -27,6 +27,13 @@ def test_demo_config_is_data_and_names_the_real_shifts():
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == '[]'  # Imports no training code.
   assert demo_config.SHIFTS == digits_domains.SHIFTS
+  assert demo_config.FAR_SHIFTS == digits_domains.FAR_SHIFTS
+  # Far: in no pre-training data.
+  assert not set(digits_domains.FAR_SHIFTS) & set(digits_domains.DOMAINS)
+  for arg in ('', 'full_grid'):
+    config = demo_config.get_config(arg)
+    assert set(config.shifts) == set(digits_domains.SHIFTS)
+    assert set(config.far_shifts) == set(digits_domains.FAR_SHIFTS)
 
 
 @pytest.fixture(scope='module')
@@ -76,29 +83,47 @@ def test_demo_end_to_end_in_the_papers_regime(finished_demo, counting):
   methods = summary['methods']
   assert list(methods) == list(config.method_order)
   for method, s in methods.items():
-    for key in ('val_accuracy', 'id_accuracy', 'ood_accuracy'):
+    for key in ('val_accuracy', 'id_accuracy', 'near_ood_accuracy',
+                'far_ood_accuracy'):
       assert len(s[key]) == len(config.seeds)
       assert np.isfinite(s[key]).all() and (np.asarray(s[key]) > 0.1).all()
     assert len(s['curve']) == len(config.methods[method].grid)
+  # The paper's protocol: SPD ran at the learning rate AdamW picked on
+  # validation, and its runs' own configs say so.
+  ft_rate = methods[config.vanilla]['picked']['optimizer.learning_rate']
+  assert methods['SPD']['picked']['optimizer.learning_rate'] == ft_rate
+  for q in methods['SPD']['curve']:
+    assert q['setting']['optimizer.learning_rate'] == ft_rate
+  spd_runs = [d for d in os.listdir(workdir / 'runs') if d.startswith('SPD_')]
+  assert len(spd_runs) == len(config.seeds) * len(config.methods.SPD.grid)
+  for run in spd_runs:
+    with open(workdir / 'runs' / run / 'config.json') as f:
+      assert json.load(f)['optimizer']['learning_rate'] == ft_rate
+  # SPD's diagnostics, over training, recorded beside its accuracies.
+  diag = methods['SPD']['diagnostics']
+  assert 0 < np.mean(diag['fire_rate']) < 1 and np.mean(diag['mean_ratio']) > 0
+  assert set(methods[config.vanilla]['diagnostics']) == {'deviation_norm'}
   # The regime, measured: a linear probe well below fine-tuning on ID.
   lp, ft = methods[config.linear_probe], methods[config.vanilla]
   gap = np.mean(ft['id_accuracy']) - np.mean(lp['id_accuracy'])
   assert gap >= config.min_id_gap, f'LP only {100 * gap:.1f} points below FT'
   assert summary['regime']['id_gap_holds']
   # WiSE-FT at alpha 1 is the LP-FT run it interpolates, exactly.
-  wise = {q['value']: q for q in methods['WiSE-FT']['curve']}
+  wise = {q['setting']['wise_ft.alpha']: q
+          for q in methods['WiSE-FT']['curve']}
   assert wise[1.0]['id'] == methods['LP-FT']['id_accuracy']
-  assert wise[1.0]['ood'] == methods['LP-FT']['ood_accuracy']
+  assert wise[1.0]['near'] == methods['LP-FT']['near_ood_accuracy']
+  assert wise[1.0]['far'] == methods['LP-FT']['far_ood_accuracy']
   with open(workdir / 'results.json') as f:
     assert json.load(f) == json.loads(json.dumps(summary))
   assert os.path.getsize(workdir / 'results.png') > 10_000
   # A second run reuses every finished run; the one run removed is trained
   # again in this process, to the same numbers as in a worker.
-  ft_runs = [d for d in os.listdir(workdir / 'runs') if d.startswith('FT_')]
-  assert len(ft_runs) == 1
+  ft_runs = [comparison.run_name(config.vanilla, methods[config.vanilla][
+      'picked'], seed) for seed in config.seeds]  # Those SPD's rate is from.
   shutil.rmtree(workdir / 'runs' / ft_runs[0])
   again = _rerun(workdir)
-  assert counting == {'runs': ft_runs, 'foundations': 0}
+  assert counting == {'runs': ft_runs[:1], 'foundations': 0}
   assert _without_time(again) == _without_time(summary)
 
 

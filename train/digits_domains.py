@@ -18,6 +18,18 @@ small      shrunk to half size at a random place
 mixture    every domain above, for pre-training: the ``pretrain`` split only
 =========  ===================================================================
 
+and a second family of label-preserving shifts that the ``mixture`` never
+holds, so that a model pre-trained on it has seen none of them ("far" OOD, as
+against the "near" shifts above, which it saw without labels):
+
+=========  ===================================================================
+shear      sheared by 0.3 to 0.5 either way (an affine slant)
+elastic    elastically deformed (a smooth random displacement field)
+outline    hollow strokes: the outline of the thickened digit
+occlude    a grey bar, 3 pixels wide, across the image at a random place
+clutter    three random grey strokes in the background
+=========  ===================================================================
+
 Splits are fixed (seed 0) and disjoint by digit, the same in every domain:
 ``pretrain`` (697 digits: for a "foundation" model), ``train`` (400: for
 fine-tuning), ``validation`` (300: model selection) and ``test`` (400). The
@@ -55,7 +67,9 @@ import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 32
 SHIFTS = ('rotate', 'invert', 'noise', 'blur', 'thick', 'color', 'small')
-DOMAINS = ('clean',) + SHIFTS
+DOMAINS = ('clean',) + SHIFTS  # What the pre-training mixture holds.
+FAR_SHIFTS = ('shear', 'elastic', 'outline', 'occlude', 'clutter')
+ALL_DOMAINS = DOMAINS + FAR_SHIFTS
 SPLIT_SIZES = {'pretrain': 697, 'train': 400, 'validation': 300, 'test': 400}
 
 
@@ -77,9 +91,46 @@ def _clean(digit: np.ndarray) -> np.ndarray:
   return out
 
 
+def _far(x: np.ndarray, domain: str, rng: np.random.Generator) -> np.ndarray:
+  """A ``FAR_SHIFTS`` domain of the clean 32x32 digit ``x`` (in [0, 1])."""
+  size = IMAGE_SIZE
+  if domain == 'shear':
+    s = rng.uniform(0.3, 0.5) * rng.choice([-1, 1])
+    centre = (size - 1) / 2
+    # Output (r, c) reads input (r, c + s (r - centre)): rows slide sideways.
+    return ndimage.affine_transform(x, [[1, 0], [s, 1]],
+                                    offset=[0, -s * centre], order=1)
+  if domain == 'elastic':
+    dy, dx = (ndimage.gaussian_filter(rng.uniform(-1, 1, x.shape), 4.0) * 30
+              for _ in range(2))
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing='ij')
+    return ndimage.map_coordinates(x, [rows + dy, cols + dx], order=1)
+  if domain == 'outline':
+    thick = ndimage.grey_dilation(x, size=(3, 3), mode='constant')
+    edge = ndimage.morphological_gradient(thick, size=(3, 3), mode='constant')
+    return edge / max(edge.max(), 1e-6)
+  if domain == 'occlude':
+    x = x.copy()
+    start = rng.integers(8, size - 11)
+    if rng.random() < 0.5:
+      x[start:start + 3] = 0.5
+    else:
+      x[:, start:start + 3] = 0.5
+    return x
+  if domain == 'clutter':
+    strokes = np.zeros_like(x)
+    for _ in range(3):
+      (r0, c0), (r1, c1) = rng.uniform(0, size - 1, (2, 2))
+      t = np.linspace(0, 1, 64)
+      strokes[np.round(r0 + t * (r1 - r0)).astype(int),
+              np.round(c0 + t * (c1 - c0)).astype(int)] = 0.6
+    return np.maximum(x, strokes)
+  raise ValueError(f'Unknown domain {domain!r}; known: {ALL_DOMAINS}.')
+
+
 def render(digit: np.ndarray, domain: str, index: int) -> np.ndarray:
   """The 32x32x3 uint8 image of an 8x8 ``digit`` in ``domain``."""
-  rng = np.random.default_rng([index, DOMAINS.index(domain)])
+  rng = np.random.default_rng([index, ALL_DOMAINS.index(domain)])
   x = _clean(digit)
   fg, bg = np.ones(3), np.zeros(3)
   if domain == 'rotate':
@@ -104,7 +155,7 @@ def render(digit: np.ndarray, domain: str, index: int) -> np.ndarray:
     top, left = rng.integers(0, IMAGE_SIZE - small.shape[0] + 1, 2)
     x[top:top + small.shape[0], left:left + small.shape[1]] = small
   elif domain != 'clean':
-    raise ValueError(f'Unknown domain {domain!r}; known: {DOMAINS}.')
+    x = _far(x, domain, rng)
   x = np.clip(x, 0.0, 1.0)[..., None]
   img = bg * (1.0 - x) + fg * x
   return np.round(img * 255).astype(np.uint8)
@@ -113,12 +164,13 @@ def render(digit: np.ndarray, domain: str, index: int) -> np.ndarray:
 class DigitsDomains(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's handwritten digits in shifted domains (see module doc)."""
 
-  VERSION = tfds.core.Version('2.0.0')
+  VERSION = tfds.core.Version('3.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
-                   '2.0.0': 'Validation of 300 digits; an index feature.'}
+                   '2.0.0': 'Validation of 300 digits; an index feature.',
+                   '3.0.0': 'Far shifts, never in the mixture.'}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name=d, description=f'Digits, {d} domain.')
-      for d in DOMAINS + ('mixture',)
+      for d in ALL_DOMAINS + ('mixture',)
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -127,7 +179,7 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
             'image': tfds.features.Tensor(
                 shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
             'label': tfds.features.ClassLabel(num_classes=10),
-            'domain': tfds.features.ClassLabel(names=list(DOMAINS)),
+            'domain': tfds.features.ClassLabel(names=list(ALL_DOMAINS)),
             'index': tfds.features.Scalar(dtype=np.int32),  # Of the digit.
         }),
         supervised_keys=('image', 'label'),
@@ -158,7 +210,7 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
         }
 
 
-def build(data_dir: str, configs=DOMAINS + ('mixture',)) -> None:
+def build(data_dir: str, configs=ALL_DOMAINS + ('mixture',)) -> None:
   """Prepares the named configs under ``data_dir`` (a no-op when present)."""
   for name in configs:
     builder = DigitsDomains(config=name, data_dir=data_dir,

@@ -70,12 +70,21 @@ def _masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+# The attention key biases have an exactly zero true gradient: SPD's choice on
+# them is a coin toss, and Adam moves them by rounding noise. Left out of what
+# is logged (not out of training).
+LOGGED = spd_optax.exclude_paths(spd_optax.KEY_BIAS_PATTERN)
+
+
 def deviation_norm(params: Any, anchor: Any) -> jax.Array:
-  """``||theta - theta_0||`` over the leaves where ``anchor`` is not masked."""
-  pairs = zip(jax.tree.leaves(params), jax.tree.leaves(anchor,
-                                                       is_leaf=_masked))
+  """``||theta - theta_0||`` over the leaves where ``anchor`` is not masked.
+
+  The attention key biases are left out (:data:`LOGGED`).
+  """
+  pairs = zip(jax.tree.leaves(params), jax.tree.leaves(anchor, is_leaf=_masked),
+              jax.tree.leaves(LOGGED(params)))
   squares = [jnp.sum(jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32)))
-             for p, a in pairs if not _masked(a)]
+             for p, a, logged in pairs if logged and not _masked(a)]
   return jnp.sqrt(sum(squares)) if squares else jnp.zeros([])
 
 
@@ -86,11 +95,12 @@ def drift_metrics(params: Any, opt_state: Any,
   SPD's own diagnostics when the optimizer has SPD; else the deviation from
   L2-SP's anchor, or from ``start_params`` (a copy kept for Adam and AdamW);
   nothing for a LoRA run without SPD. Decided by the state's structure, at
-  trace time.
+  trace time. The attention key biases are left out of all of them, and a new
+  head is (unless ``optimizer.decay_head``) as it is out of SPD and L2-SP.
   """
   if _find(opt_state, spd_optax.SPDState):
-    return {k.replace('spd/', 'train/spd_'): v
-            for k, v in spd_optax.diagnostics_summary(opt_state).items()}
+    return {k.replace('spd/', 'train/spd_'): v for k, v in
+            spd_optax.diagnostics_summary(opt_state, mask=LOGGED).items()}
   anchored = [s.anchor for s in _find(opt_state, spd_optax.L2SPState)
               if not isinstance(s.anchor, optax.EmptyState)]
   reference = anchored[0] if anchored else start_params
@@ -224,12 +234,21 @@ def _set_up(config, workdir: str, mesh) -> _Run:
   start_params = None
   if config.optimizer.name in ('adam', 'adamw') and not (
       config.model.lora_rank > 0):
-    start_params = jax.tree.map(jnp.copy, nnx.as_pure(nnx.state(model, wrt)))
+    start_params = _start_params(nnx.as_pure(nnx.state(model, wrt)),
+                                 config.optimizer.decay_head)
   checkpointer = checkpoints.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
       async_save=config.async_checkpointing)
   return _Run(config, workdir, mesh, model, optimizer, start_params,
               checkpointer, metrics_lib.MetricWriter(workdir))
+
+
+def _start_params(params: Any, decay_head: bool) -> Any:
+  """A copy of the trained params, to log drift from; the head masked out
+  as SPD and L2-SP leave it out (``optimizer.decay_head=False``)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: optax.MaskedNode() if not decay_head and 'head' in
+      jax.tree_util.keystr(path) else jnp.copy(x), params)
 
 
 def _restore(run: _Run) -> int:
