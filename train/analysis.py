@@ -236,8 +236,9 @@ def verdict(config, summary: Mapping[str, Any]) -> str:
       f' {100 * r["id_gap_ft_minus_lp"]:.1f} points above the linear probe on'
       f' ID (required: {100 * config.min_id_gap:.0f}):'
       f' {"holds" if r["id_gap_holds"] else "DOES NOT HOLD"}.']
-  for method, spec in config.methods.items():
-    if spec.lr_of and not spec.lr_grid and method in summary['methods']:
+  for method in summary['methods']:
+    spec = config.methods.get(method)
+    if spec is not None and spec.lr_of and not spec.lr_grid:
       lines.append(_versus(summary, method, spec.lr_of) + '.')
   for axis, name in AXES.items():
     free = [m for m, s in summary['methods'].items()
