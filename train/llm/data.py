@@ -156,8 +156,8 @@ def write_smoke_data(directory: str, *, num_train: int = 64,
                      num_test: int = 8, seed: int = 0) -> None:
   """Tiny stand-ins for the real files, in the eight sets' formats.
 
-  Writes ``directory/commonsense_170k.json`` (``num_train`` rows drawn from
-  all eight sets) and ``directory/dataset/<name>/test.json`` (``num_test``
+  Writes ``directory/commonsense_170k.json`` (``num_train`` rows from the
+  eight sets in turn, shuffled) and ``directory/dataset/<name>/test.json`` (``num_test``
   rows each), laid out as the reference scripts expect. The rows phrase their
   instructions and answers as the real sets do, with made-up words; the same
   ``seed`` writes the same bytes.
@@ -165,8 +165,9 @@ def write_smoke_data(directory: str, *, num_train: int = 64,
   # Imported here: the set formats live there, and it imports this module.
   from train.llm import commonsense  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng([seed, 0])
-  train = [commonsense.smoke_example(commonsense.DATASETS[k], rng)
-           for k in rng.integers(len(commonsense.DATASETS), size=num_train)]
+  names = commonsense.DATASETS
+  train = [commonsense.smoke_example(names[k % len(names)], rng)
+           for k in rng.permutation(num_train)]  # Every set, in any order.
   _write_json(os.path.join(directory, 'commonsense_170k.json'), train)
   for i, name in enumerate(commonsense.DATASETS):
     rng = np.random.default_rng([seed, 1 + i])
@@ -216,7 +217,8 @@ def tokenize(tokenizer, example: dict, *, cutoff_len: int,
   tokens; EOS is appended when the ids do not already end with it and there
   is room (fewer than ``cutoff_len`` ids). Without ``train_on_inputs``, the
   first ``n`` positions are left out of the loss, ``n`` being the length of
-  the prompt without response tokenized the same way (no EOS).
+  the prompt without response tokenized the same way (not counting an EOS
+  that the tokenizer itself puts at the end of every text).
 
   Args:
     tokenizer: a ``transformers`` tokenizer with an EOS token.
@@ -239,9 +241,10 @@ def tokenize(tokenizer, example: dict, *, cutoff_len: int,
     ids.append(eos)
   if train_on_inputs:
     return {'input_ids': ids, 'loss_mask': [1] * len(ids)}
-  skip = len(_token_ids(tokenizer, prompt(example, with_response=False),
-                        cutoff_len))
-  skip = min(skip, len(ids))
+  user = _token_ids(tokenizer, prompt(example, with_response=False), cutoff_len)
+  # A tokenizer that ends every text with EOS ends the prompt with it too;
+  # the reference would then leave the response's first token out of the loss.
+  skip = min(len(user) - (user[-1] == eos), len(ids))
   return {'input_ids': ids, 'loss_mask': [0] * skip + [1] * (len(ids) - skip)}
 
 
