@@ -134,7 +134,7 @@ def test_unknown_set_is_refused_naming_it_and_the_known(name):
         ' ARC-Challenge, openbookqa' in str(e.value)
 
 
-# -- candidates -------------------------------------------------------------------
+# -- candidates ---------------------------------------------------------------
 
 # Rows as the real test sets phrase them (LLM-Adapters' dataset/*/test.json).
 _ROWS = {
@@ -204,7 +204,7 @@ def test_candidates_refuse_another_sets_row():
                            {'instruction': _ROWS['openbookqa'][0]})
 
 
-# -- is_correct, mean_accuracy --------------------------------------------------
+# -- is_correct, mean_accuracy ------------------------------------------------
 
 
 @pytest.mark.parametrize('dataset, answer, predicted, expected', [
@@ -243,7 +243,7 @@ def test_mean_accuracy_needs_the_eight():
     commonsense.mean_accuracy({**seven, 'openbookqa': 0.5, 'mmlu': 0.1})
 
 
-# -- evaluation_prompt ----------------------------------------------------------
+# -- evaluation_prompt --------------------------------------------------------
 
 
 def test_evaluation_prompt_is_the_reference_evaluation_template():
@@ -273,7 +273,7 @@ def test_evaluation_prompt_is_the_reference_evaluation_template():
       '                ')
 
 
-# -- Smoke data in the sets' formats ---------------------------------------------
+# -- Smoke data in the sets' formats ------------------------------------------
 
 # How each set's instructions open (LLM-Adapters' dataset/*/test.json).
 _OPENINGS = {
@@ -349,7 +349,8 @@ _LAYOUTS = {
                    r'Option1: .+ Option2: .+ Answer format: option1/option2'),
     'ARC-Easy': (_Q + r'[^\n]+\n\nAnswer1: .+ Answer2: .+ Answer3: .+'
                  r'( Answer4: .+( Answer5: .+)?)?\n\n'
-                 r'Answer format: answer1/answer2/answer3(/answer4(/answer5)?)?'),
+                 r'Answer format: answer1/answer2/answer3'
+                 r'(/answer4(/answer5)?)?'),
     'openbookqa': (_Q + r'[^\n]+\n\nAnswer1: .+ Answer2: .+ Answer3: .+'
                    r' Answer4: .+\n\nAnswer format: answer1/answer2/answer3'
                    r'/answer4'),

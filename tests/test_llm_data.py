@@ -14,7 +14,7 @@ import transformers
 
 from train.llm import data
 
-# -- A word-level tokenizer with a hand-written vocabulary ----------------------
+# -- A word-level tokenizer with a hand-written vocabulary --------------------
 
 _WORDS = ('Below is an instruction that describes a task . Write a response'
           ' appropriately completes the request , paired with input provides'
@@ -54,7 +54,7 @@ _HEADER_WITH_INPUT_TOKENS = (
     ' provides further context . Write a response that appropriately completes'
     ' the request .').split()
 
-# -- prompt ---------------------------------------------------------------------
+# -- prompt -------------------------------------------------------------------
 
 
 def test_prompt_without_input_is_the_reference_template():
@@ -97,14 +97,17 @@ def test_prompt_keeps_braces_and_newlines_of_the_text():
       '                ### Response:\n                {y}')
 
 
-# -- tokenize -------------------------------------------------------------------
+# -- tokenize -----------------------------------------------------------------
 
 _PROMPT_TOKENS = (['<s>'] + _HEADER_TOKENS +
                   '### Instruction : Say hi . ### Response :'.split())  # 28.
 
 
-def test_tokenize_masks_exactly_the_response_and_appends_eos():
-  tok = _tokenizer()
+@pytest.mark.parametrize('eos_at_end', [False, True])
+def test_tokenize_masks_exactly_the_response_and_appends_eos(eos_at_end):
+  # A tokenizer that ends every text with EOS itself gets no second one; the
+  # prompt alone then ends with EOS too, which is not counted in it.
+  tok = _tokenizer(eos_at_end=eos_at_end)
   out = data.tokenize(tok, _HI, cutoff_len=256)
   assert _tokens(tok, out['input_ids']) == _PROMPT_TOKENS + [
       'hi', 'there', '</s>']
@@ -155,15 +158,6 @@ def test_tokenize_without_bos_adds_none():
   assert out['loss_mask'] == [0] * 27 + [1, 1, 1]
 
 
-def test_tokenize_eos_from_the_tokenizer_is_not_doubled():
-  tok = _tokenizer(eos_at_end=True)
-  out = data.tokenize(tok, _HI, cutoff_len=256)
-  assert _tokens(tok, out['input_ids']) == _PROMPT_TOKENS + [
-      'hi', 'there', '</s>']
-  # The prompt alone ends with that EOS too; it is not counted in it.
-  assert out['loss_mask'] == [0] * 28 + [1, 1, 1]
-
-
 def test_tokenize_needs_an_eos_token():
   tok = _tokenizer()
   tok.eos_token = None
@@ -171,7 +165,7 @@ def test_tokenize_needs_an_eos_token():
     data.tokenize(tok, _HI, cutoff_len=256)
 
 
-# -- train_batches --------------------------------------------------------------
+# -- train_batches ------------------------------------------------------------
 
 _N = 10  # Examples 'Say wK' -> 'oK': 27 prompt tokens, 'oK', '</s>'.
 _ROWS = [{'instruction': f'Say w{k}', 'input': '', 'output': f'o{k}',
@@ -296,7 +290,7 @@ def test_batch_size_must_divide_among_processes():
                        seq_len=_SEQ, seed=0, process_count=4)
 
 
-# -- read_examples --------------------------------------------------------------
+# -- read_examples ------------------------------------------------------------
 
 
 def _write(tmp_path, value, name='rows.json'):
@@ -364,7 +358,7 @@ def test_read_examples_without_required_answers(tmp_path):
     data.read_examples(bad, require_answer=False)
 
 
-# -- write_smoke_data -----------------------------------------------------------
+# -- write_smoke_data ---------------------------------------------------------
 
 _SETS = ['ARC-Challenge', 'ARC-Easy', 'boolq', 'hellaswag', 'openbookqa',
          'piqa', 'social_i_qa', 'winogrande']

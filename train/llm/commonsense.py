@@ -188,7 +188,7 @@ def evaluation_prompt(example: dict) -> str:
           f'\n\n{i}{data.RESPONSE_MARKER}\n{i}')
 
 
-# -- Smoke data -----------------------------------------------------------------
+# -- Smoke data ---------------------------------------------------------------
 
 _WORDS = ('apple', 'river', 'stone', 'cloud', 'paper', 'green', 'quick',
           'table', 'light', 'heavy', 'music', 'bread', 'glass', 'water',

@@ -157,10 +157,10 @@ def write_smoke_data(directory: str, *, num_train: int = 64,
   """Tiny stand-ins for the real files, in the eight sets' formats.
 
   Writes ``directory/commonsense_170k.json`` (``num_train`` rows from the
-  eight sets in turn, shuffled) and ``directory/dataset/<name>/test.json`` (``num_test``
-  rows each), laid out as the reference scripts expect. The rows phrase their
-  instructions and answers as the real sets do, with made-up words; the same
-  ``seed`` writes the same bytes.
+  eight sets in turn, shuffled) and ``directory/dataset/<name>/test.json``
+  (``num_test`` rows each), laid out as the reference scripts expect. The
+  rows phrase their instructions and answers as the real sets do, with
+  made-up words; the same ``seed`` writes the same bytes.
   """
   # Imported here: the set formats live there, and it imports this module.
   from train.llm import commonsense  # pylint: disable=g-import-not-at-top
@@ -224,8 +224,8 @@ def tokenize(tokenizer, example: dict, *, cutoff_len: int,
     tokenizer: a ``transformers`` tokenizer with an EOS token.
     example: a row (see :func:`read_examples`).
     cutoff_len: the most tokens kept.
-    train_on_inputs: put every token in the loss (the reference's default;
-      its scripts keep it).
+    train_on_inputs: put every token in the loss. The reference's default
+      is True and its scripts keep it; the papers' runs trained on prompts.
 
   Returns:
     ``{'input_ids': list[int], 'loss_mask': list[int]}`` of one length;
