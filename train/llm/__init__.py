@@ -1,0 +1,1 @@
+"""LLM fine-tuning with SPD: the commonsense-reasoning recipe (LoRA adapters)."""
