@@ -158,11 +158,14 @@ def _get(config: ml_collections.ConfigDict, key: str):
   return node
 
 
-def problems(config: ml_collections.ConfigDict, *,
-             num_devices: int) -> list[str]:
-  """One line per value that breaks a rule (empty when the config is fine)."""
+def problems(config: ml_collections.ConfigDict, *, num_devices: int,
+             rules: Sequence[tuple[str, Any]] = RULES) -> list[str]:
+  """One line per value that breaks a rule (empty when the config is fine).
+
+  ``rules``: another recipe's list (e.g. ``RULES + its own``).
+  """
   out = []
-  for key, allowed in RULES:
+  for key, allowed in rules:
     try:
       value = _get(config, key)
     except KeyError:
@@ -180,9 +183,10 @@ def problems(config: ml_collections.ConfigDict, *,
   return out
 
 
-def check(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+def check(config: ml_collections.ConfigDict, *, num_devices: int,
+          rules: Sequence[tuple[str, Any]] = RULES) -> None:
   """Raises ``ValueError`` naming every bad key and its allowed range."""
-  found = problems(config, num_devices=num_devices)
+  found = problems(config, num_devices=num_devices, rules=rules)
   if found:
     raise ValueError('Invalid config (nothing was run):\n  '
                      + '\n  '.join(found))

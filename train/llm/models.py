@@ -130,7 +130,8 @@ def _float32(initializer):
   return lambda key, shape, dtype=None: initializer(key, shape, jnp.float32)
 
 
-# PEFT's LoRA A: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)); B: zeros.
+# qwix draws these when it traces the adapters (abstractly: only their
+# float32 dtype is kept); _init_lora draws the values.
 _LORA_A_INIT = _float32(jax.nn.initializers.variance_scaling(
     1 / 3, 'fan_in', 'uniform'))
 _LORA_B_INIT = _float32(jax.nn.initializers.zeros)
@@ -180,24 +181,30 @@ def _lora_graph(loaded: Loaded, spec: LoraSpec, paths: list[str], seed: int):
   return nnx.split(abstract, nnx.LoRAParam, ...)
 
 
+def _lora_a(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+  """PEFT's A: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), fan_in the
+  contracted dims (all but the rank, the last)."""
+  bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
+  return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+
 def _init_lora(abstract: nnx.State, mesh, seed: int) -> nnx.State:
-  """A as PEFT draws it, B zeros, float32, on the shards qwix gave them."""
+  """A drawn as PEFT does, B zeros, float32, on the shards qwix gave them.
+
+  Drawn on the host (NumPy, one generator per leaf from ``seed``): no
+  program to compile, the same values on every process and mesh.
+  """
   flat = nnx.to_flat_state(abstract)
-  shardings = nnx.get_named_sharding(abstract, mesh)
-
-  def init():
-    values = []
-    for i, (path, v) in enumerate(flat):
-      init_fn = _LORA_A_INIT if str(path[-1]).endswith('_a') else _LORA_B_INIT
-      key = jax.random.fold_in(jax.random.key(seed), i)
-      values.append(init_fn(key, v.shape))
-    return values
-
-  values = jax.jit(init, out_shardings=[
-      s.get_value() for _, s in nnx.to_flat_state(shardings)])()
-  state = nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in
-                               zip(flat, values)])
-  return state
+  shardings = nnx.to_flat_state(nnx.get_named_sharding(abstract, mesh))
+  leaves = []
+  for i, ((path, v), (_, sharding)) in enumerate(zip(flat, shardings)):
+    if str(path[-1]).endswith('_a'):
+      host = _lora_a(v.shape, np.random.default_rng([seed, i]))
+    else:
+      host = np.zeros(v.shape, np.float32)
+    leaves.append((path, v.replace(jax.make_array_from_callback(
+        host.shape, sharding.get_value(), lambda index, h=host: h[index]))))
+  return nnx.from_flat_state(leaves)
 
 
 def add_lora(loaded: Loaded, spec: LoraSpec, *, mesh, seed: int) -> Adapted:
