@@ -162,7 +162,8 @@ def _module(name, names):
 
 def install() -> bool:
   """Puts the stand-in in place of missing modules; True if it did."""
-  if importlib.util.find_spec('train.llm.data') is not None:
+  if ('train.llm.data' in sys.modules
+      or importlib.util.find_spec('train.llm.data') is not None):
     return False
   import train.llm  # pylint: disable=g-import-not-at-top
   for short, names in (

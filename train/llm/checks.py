@@ -3,14 +3,6 @@
 The ViT recipe's rules (``train.config_checks.RULES``: optimizer, steps,
 checkpoints, ...) apply to the keys the two share; these are the LLM
 recipe's own, one line each, plus how the batch splits over the mesh.
-
-    >>> from configs import commonsense
-    >>> config = commonsense.get_config('smoke')
-    >>> config.model.lora.rank = 0
-    >>> config.micro_batch_size = 3
-    >>> for line in problems(config, num_devices=1): print(line)
-    config.model.lora.rank=0: must be > 0
-    config.micro_batch_size=3: must divide config.batch_size=4
 """
 
 import ml_collections

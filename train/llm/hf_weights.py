@@ -72,13 +72,13 @@ def _reader(path: str, name: str, permute, reshape) -> Callable[[], np.ndarray]:
 
 
 def _transformed_shape(shape, permute, reshape, name, path):
-  shape = tuple(shape[i] for i in permute) if permute else tuple(shape)
-  if reshape and np.prod(shape) != np.prod(reshape):
+  moved = tuple(shape[i] for i in permute) if permute else tuple(shape)
+  if reshape and np.prod(moved) != np.prod(reshape):
     raise ValueError(
-        f'Tensor {name!r} of {path} has {np.prod(shape)} values (shape'
-        f' {shape} after transposing) but the model wants shape'
+        f'Tensor {name!r} of {path} has shape {tuple(shape)}'
+        f' ({np.prod(shape)} values) but the model wants it as'
         f' {tuple(reshape)}: its config.json does not describe this tensor.')
-  return tuple(reshape) if reshape else shape
+  return tuple(reshape) if reshape else moved
 
 
 def collect(folder: str, tensor_map: dict, *,

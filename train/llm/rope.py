@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import math
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
@@ -130,7 +131,7 @@ def _corrected(attention_cls: type) -> type:
 
 def correct(model, rope: Rope, attention_cls: type) -> None:
   """Gives every ``attention_cls`` module of ``model`` the rope ``rope``."""
-  for _, module in model.iter_modules():
+  for _, module in nnx.iter_modules(model):
     if type(module) is attention_cls:  # pylint: disable=unidiomatic-typecheck
       module.hf_rope = rope
       module.__class__ = _corrected(attention_cls)
