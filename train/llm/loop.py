@@ -39,6 +39,7 @@ from train.llm import checks
 from train.llm import data
 from train.llm import evaluate
 from train.llm import families
+from train.llm import mesh as mesh_lib
 from train.llm import models
 from train.llm import scoring
 from train.llm import smoke
@@ -80,17 +81,6 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict):
 
 
 # -- Set-up -------------------------------------------------------------------
-
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A ('data', 'fsdp', 'tp') mesh over every device of every process."""
-  n, fsdp, tp = jax.device_count(), config.mesh.fsdp, config.mesh.tp
-  data_axis = config.mesh.data if config.mesh.data > 0 else n // (fsdp * tp)
-  if data_axis * fsdp * tp != n:
-    raise ValueError(f'config.mesh: data={config.mesh.data} x fsdp={fsdp} x'
-                     f' tp={tp} does not cover the {n} devices.')
-  return jax.make_mesh((data_axis, fsdp, tp), ('data', 'fsdp', 'tp'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-
 
 @dataclasses.dataclass
 class Run:
@@ -174,8 +164,7 @@ def _shard_batch(batch: dict, run: Run) -> dict:
   """This process's rows -> global [k, micro, T] arrays (k micro-batches;
   each process gives each micro-batch its share of rows)."""
   k = run.config.batch_size // run.config.micro_batch_size
-  sharding = jax.sharding.NamedSharding(
-      run.mesh, jax.sharding.PartitionSpec(None, scoring.BATCH_AXES))
+  sharding = mesh_lib.rows_sharding(run.mesh, axis=1)
   out = {}
   for name, local in batch.items():
     local = np.asarray(local).reshape(k, -1, local.shape[-1])
@@ -194,7 +183,7 @@ def _val_loss(run: Run) -> dict[str, float]:
                                train_on_inputs=run.config.data.train_on_inputs)
   total = count = 0.0
   for _ in range(-(-len(run.val_rows) // size)):  # One epoch, some twice.
-    batch = {k: scoring.to_global(np.asarray(v), run.mesh)
+    batch = {k: mesh_lib.to_global(np.asarray(v), run.mesh)
              for k, v in next(batches).items()}
     t, c = run.val_loss(run.lora, run.adapted.base, batch)
     total, count = total + float(t), count + float(c)
@@ -331,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     cleanup.enter_context(workdir_lock.WorkdirLock(workdir))
     preemption = cleanup.enter_context(preemption_lib.Preemption())
     _check_workdir_config(workdir, config)
-    mesh = make_mesh(config)
+    mesh = mesh_lib.make_mesh(config)
     with jax.set_mesh(mesh):
       run = _set_up(config, workdir, mesh)
       ckpt = cleanup.enter_context(checkpoints.Checkpointer(

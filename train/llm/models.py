@@ -115,6 +115,32 @@ def load(folder: str, *, mesh: jax.sharding.Mesh, dtype: str = 'bfloat16',
   return Loaded(model, family, config, report)
 
 
+def random_init(hf: dict, *, mesh: jax.sharding.Mesh, dtype: str = 'bfloat16',
+                seed: int = 0) -> Loaded:
+  """A model of ``hf``'s (config.json's) shapes with random N(0, 0.02)
+  weights drawn on its shards: benchmarks of published sizes, no files."""
+  family = families.family_of(hf, '<random>')
+  config = family.build(hf, '<random>', families.DTYPES[dtype],
+                        families.with_batch_axes(family.default_sharding()))
+  with jax.set_mesh(mesh):
+    abstract = _abstract(family, config, hf)
+  graphdef, state = nnx.split(abstract)
+  leaves = nnx.to_flat_state(state)
+  shardings = [s.get_value() for _, s in nnx.to_flat_state(
+      nnx.get_named_sharding(state, mesh))]
+
+  def init():
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return [0.02 * jax.random.normal(k, v.shape, families.DTYPES[dtype])
+            for k, (_, v) in zip(keys, leaves)]
+
+  values = jax.jit(init, out_shardings=shardings)()
+  state = nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in
+                               zip(leaves, values)])
+  return Loaded(nnx.merge(graphdef, state), family, config,
+                {'family': family.name, 'random': True, 'dtype': dtype})
+
+
 # -- LoRA ---------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

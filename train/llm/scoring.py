@@ -5,13 +5,13 @@ Both run one jitted program per batch shape on a model merged from
 nothing is copied. Batches are global arrays split over the mesh's batch
 axes; results come back replicated, so every process can read them.
 
-- :func:`generate` continues left-padded prompts greedily with a key/value
-  cache (prefill, then one token a step, until every row has produced EOS or
-  ``max_new_tokens``). Positions skip the padding, so a padded row continues
-  exactly as it would alone.
-- :func:`log_likelihoods` sums ``log p(token | tokens before)`` over the
-  marked tokens of right-padded rows: the second evaluation mode, one forward
-  pass per batch instead of up to 32.
+- :meth:`Scorer.generate` continues left-padded prompts greedily with a
+  key/value cache (prefill, then one token a step, until every row has
+  produced EOS or ``max_new_tokens``). Positions skip the padding, so a
+  padded row continues exactly as it would alone.
+- :meth:`Scorer.log_likelihoods` sums ``log p(token | tokens before)`` over
+  the marked tokens of right-padded rows: the second evaluation mode, one
+  forward pass per batch instead of up to 32.
 """
 
 from flax import nnx
@@ -20,16 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
+from train.llm import mesh as mesh_lib
 from train.llm import models
-
-BATCH_AXES = ('data', 'fsdp')
-
-
-def to_global(host: np.ndarray, mesh) -> jax.Array:
-  """A host array every process holds whole -> a batch-sharded array."""
-  sharding = NamedSharding(mesh, P(BATCH_AXES))
-  return jax.make_array_from_callback(host.shape, sharding,
-                                      lambda index: host[index])
 
 
 def _replicated(mesh):
@@ -131,8 +123,8 @@ class Scorer:
       int32 [B, max_new_tokens]: the tokens after each prompt, ``pad_id``
       after the first EOS (which is kept).
     """
-    return np.asarray(self._generate(lora, base, to_global(tokens, self.mesh),
-                                     to_global(valid, self.mesh)))
+    g = lambda x: mesh_lib.to_global(x, self.mesh)
+    return np.asarray(self._generate(lora, base, g(tokens), g(valid)))
 
   def log_likelihoods(self, lora, base, tokens: np.ndarray, valid: np.ndarray,
                       scored: np.ndarray) -> np.ndarray:
@@ -144,6 +136,6 @@ class Scorer:
       scored: bool [B, T], the tokens whose log-probabilities are summed
         (never position 0, which nothing predicts).
     """
-    g = lambda x: to_global(x, self.mesh)
+    g = lambda x: mesh_lib.to_global(x, self.mesh)
     return np.asarray(self._log_likelihoods(lora, base, g(tokens), g(valid),
                                             g(scored)))
