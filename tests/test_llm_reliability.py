@@ -5,16 +5,19 @@ subprocess; a kill is a real SIGKILL. The runs of this module share JAX's
 persistent compilation cache, so only the first compiles.
 """
 
+import fcntl
 import glob
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
 from tests import llm_helpers
 from tests import trainlib
+from tests.test_reliability import _wait_for_step  # pylint: disable=g-importing-member
 from train import checkpoints
 from train import metrics
 from train import workdir_lock
@@ -30,30 +33,30 @@ LONG = ('--config.num_train_steps=8', '--config.checkpoint_every_steps=3',
         '--config.data.max_eval_examples=2')
 
 
-@pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp('jax_cache')
+@pytest.fixture(scope='session')
+def shared(tmp_path_factory, worker_id):
+  """One folder for every pytest-xdist worker of this session."""
+  base = tmp_path_factory.getbasetemp()
+  root = (base if worker_id == 'master' else base.parent) / 'llm_runs'
+  root.mkdir(exist_ok=True)
+  return root
 
 
-@pytest.fixture(scope='module')
-def whole(cache, tmp_path_factory):
-  """An uninterrupted run of LONG."""
-  workdir = str(tmp_path_factory.mktemp('whole') / 'run')
-  llm_helpers.run_llm(workdir, *LONG, cache_dir=cache)
+@pytest.fixture(scope='session')
+def cache(shared):
+  """JAX's persistent compilation cache, shared by the runs of all workers."""
+  return shared / 'jax_cache'
+
+
+@pytest.fixture(scope='session')
+def whole(shared, cache):
+  """An uninterrupted run of LONG, made once for all workers."""
+  workdir = str(shared / 'whole')
+  with open(shared / 'whole.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # The first worker runs it.
+    if not os.path.exists(os.path.join(workdir, 'result.json')):
+      llm_helpers.run_llm(workdir, *LONG, cache_dir=cache)
   return workdir
-
-
-def _wait_for_step(workdir, step, proc, timeout=300):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    assert proc.poll() is None, proc.stderr.read()[-4000:]
-    if os.path.exists(path):
-      with open(path) as f:
-        if any(f'"step": {step}, "train/' in line for line in f):
-          return
-    time.sleep(0.02)
-  raise TimeoutError(f'step {step} never logged')
 
 
 def _assert_same_run(workdir_a, workdir_b):
@@ -151,7 +154,6 @@ def test_the_same_command_twice_is_refused_naming_the_holder(cache, tmp_path):
 def test_the_smoke_config_as_the_readme_runs_it(tmp_path):
   """``python -m train.llm --config configs/commonsense.py:smoke`` in < 2 min
   (no compilation cache, nothing but the command)."""
-  import subprocess  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   result = subprocess.run(
       llm_helpers.llm_command(str(tmp_path / 'smoke')),

@@ -64,8 +64,8 @@ def _flat(tree):
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _set_up(folder, mesh, config, dropout=0.0):
-  loaded = models.load(folder, mesh=mesh, dtype='float32')
+def _set_up(folder, mesh, config, dropout=0.0, dtype='float32'):
+  loaded = models.load(folder, mesh=mesh, dtype=dtype)
   adapted = models.add_lora(loaded, models.LoraSpec(4, 8.0, dropout, ALL),
                             mesh=mesh, seed=0)
   tx = optimizers.make_optimizer(config, lora=True)
@@ -121,6 +121,29 @@ def test_spd_steps_move_only_the_adapters_and_equal_the_float64_reference(
   for k, v in _flat(adapted.base.to_pure_dict()).items():
     np.testing.assert_array_equal(v, base_before[k], err_msg=k)  # Bitwise.
   assert all(np.abs(ours[k]).max() > 0 for k in ours if 'lora_b' in k)
+
+
+def test_bfloat16_compute_keeps_adapters_and_optimizer_state_float32(folder):
+  mesh = llm_helpers.mesh()
+  adapted, tx, lora, opt_state = _set_up(folder, mesh, _config('spd'),
+                                         dtype='bfloat16')
+  step = steps.make_train_step(adapted.graphdef, tx, dtype=jnp.bfloat16,
+                               spd=True)
+  batch = next(_batches(1))
+  with jax.set_mesh(mesh):
+    lora, opt_state, out = step(lora, opt_state, adapted.base, batch,
+                                jax.random.key(0))
+  assert {x.dtype for x in jax.tree.leaves(adapted.base)} == {
+      jnp.dtype('bfloat16')}
+  assert {x.dtype for x in jax.tree.leaves(lora)} == {jnp.dtype('float32')}
+  assert {x.dtype for x in jax.tree.leaves(opt_state)
+          if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype('float32')}
+  # The loss of the same batch in float32 (before the step: the first step's
+  # loss is the starting adapters').
+  f32, _, start, _ = _set_up(folder, mesh, _config('spd'))
+  total, count = steps.make_val_loss(f32.eval_graphdef, dtype=jnp.float32)(
+      start, f32.base, jax.tree.map(lambda x: x[0], batch))
+  assert abs(float(out['train/loss']) - total / count) < 1e-2 * total / count
 
 
 def test_an_8_device_mesh_equals_one_device(monkeypatch):

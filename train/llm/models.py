@@ -261,6 +261,12 @@ def add_lora(loaded: Loaded, spec: LoraSpec, *, mesh, seed: int) -> Adapted:
 
 # -- Running it ---------------------------------------------------------------
 
+def cast(lora, dtype):
+  """The float32 adapters in the compute dtype (the base weights'), so
+  activations stay in it; gradients flow back to float32 through the cast."""
+  return jax.tree.map(lambda x: x.astype(dtype), lora)
+
+
 def logits(model, tokens, positions, attention_mask, cache=None):
   """``(float32 logits [B, T, V], cache)`` of Tunix's forward pass.
 

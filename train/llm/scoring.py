@@ -35,7 +35,8 @@ def _generate_fn(graphdef, cache_spec, max_new_tokens, eos_id, pad_id, out):
   def run(lora, base, tokens, valid):
     # Merged in each trace that runs it: qwix sets an attribute on its
     # modules at every call, which NNX refuses across trace levels.
-    merged = lambda: nnx.merge(graphdef, lora, base)
+    merged = lambda: nnx.merge(graphdef, models.cast(lora, _dtype(base)),
+                               base)
     batch, prompt_len = tokens.shape
     length = prompt_len + max_new_tokens
     slots = jnp.arange(length)
@@ -75,7 +76,7 @@ def _generate_fn(graphdef, cache_spec, max_new_tokens, eos_id, pad_id, out):
 
 def _log_likelihoods_fn(graphdef, out):
   def run(lora, base, tokens, valid, scored):
-    model = nnx.merge(graphdef, lora, base)
+    model = nnx.merge(graphdef, models.cast(lora, _dtype(base)), base)
     logits, _ = models.logits(model, tokens, models.positions_of(valid),
                               models.causal_mask(valid))
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
@@ -87,7 +88,8 @@ def _log_likelihoods_fn(graphdef, out):
 
 
 def _dtype(base) -> jnp.dtype:
-  """The compute dtype: that of the base model's weights."""
+  """The compute dtype: that of the base model's weights (the adapters are
+  cast to it, as in training)."""
   return jax.tree.leaves(base)[0].dtype
 
 

@@ -39,8 +39,7 @@ def token_losses(model, batch) -> tuple[jax.Array, jax.Array]:
 def _merged(graphdef, lora, base, dtype, key):
   """The model with the adapters in ``dtype`` and LoRA dropout keyed by
   ``key`` (qwix reads its dropout keys from ``qwix_rngs``)."""
-  lora = jax.tree.map(lambda x: x.astype(dtype), lora)
-  model = nnx.merge(graphdef, lora, base)
+  model = nnx.merge(graphdef, models.cast(lora, dtype), base)
   model.set_attributes(qwix_rngs=nnx.Rngs(dropout=key))
   return model
 
@@ -90,8 +89,8 @@ def make_val_loss(graphdef, *, dtype):
   ``graphdef`` is the evaluation graph)."""
 
   def val(lora, base, batch):
-    lora = jax.tree.map(lambda x: x.astype(dtype), lora)
-    return token_losses(nnx.merge(graphdef, lora, base), batch)
+    return token_losses(nnx.merge(graphdef, models.cast(lora, dtype), base),
+                        batch)
 
   return jax.jit(val)
 
