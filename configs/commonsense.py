@@ -124,7 +124,6 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.async_checkpointing = True  # Orbax writes while training goes on.
   config.max_steps_per_run = 0  # > 0: save and exit after N steps.
-  config.progress_bar = False  # Unused here: metrics.jsonl is the log.
 
   config.smoke = ml_collections.ConfigDict()
   config.smoke.enabled = False  # Generate a tiny model and rows (no files).

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from train import metrics
 from train import preemption
+from train.llm import loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')
@@ -51,7 +52,6 @@ def main(argv):
   _join_cluster()  # Before anything touches a JAX backend.
   logging.info('JAX process %d/%d, %d local devices', jax.process_index(),
                jax.process_count(), jax.local_device_count())
-  from train.llm import loop  # pylint: disable=g-import-not-at-top
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except preemption.Preempted as e:  # Saved: a clean stop.

@@ -48,7 +48,7 @@ from train.llm import steps
 TIMING_KEYS = ('train/tokens_per_second',)
 # What may change between a run and its resumption: how it is watched and
 # saved, the mesh (checkpoints restore onto any), the final evaluation.
-RESUMABLE = ('progress_bar', 'eval_every_steps', 'log_every_steps',
+RESUMABLE = ('eval_every_steps', 'log_every_steps',
              'checkpoint_every_steps', 'keep_checkpoints', 'max_steps_per_run',
              'async_checkpointing', 'mesh', 'eval', 'eval_batch_size')
 
