@@ -6,7 +6,6 @@ random from its config, with every norm weight random too (so a missing
 safetensors; our loader reads the folder as it would a published one.
 """
 
-import os
 import subprocess
 import sys
 

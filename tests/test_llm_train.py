@@ -7,7 +7,6 @@ check runs in a fresh interpreter with 8 fake CPU devices.
 import json
 import os
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -14,7 +14,7 @@ cache that greedy generation fills.
 import dataclasses
 import logging
 import re
-from typing import Any, Optional
+from typing import Any
 
 from flax import nnx
 import jax
