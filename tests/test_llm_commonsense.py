@@ -16,6 +16,7 @@ import pytest
 
 from train.llm import commonsense
 from train.llm import data
+from train.llm import smoke
 
 _EIGHT = ['boolq', 'piqa', 'social_i_qa', 'hellaswag', 'winogrande',
           'ARC-Easy', 'ARC-Challenge', 'openbookqa']
@@ -314,7 +315,7 @@ def _check_smoke_row(name, row):
 
 
 def test_smoke_data_answers_are_each_sets_candidates(tmp_path):
-  data.write_smoke_data(str(tmp_path), num_train=32, num_test=12, seed=5)
+  smoke.write_data(str(tmp_path), num_train=32, num_test=12, seed=5)
   for name in _EIGHT:
     rows = data.read_examples(
         os.path.join(tmp_path, 'dataset', name, 'test.json'))

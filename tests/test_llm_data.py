@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 import transformers
 
 from train.llm import data
+from train.llm import smoke
 
 # -- A word-level tokenizer with a hand-written vocabulary --------------------
 
@@ -370,7 +371,7 @@ def _files(directory):
 
 
 def test_smoke_data_files_and_round_trip(tmp_path):
-  data.write_smoke_data(str(tmp_path), num_train=24, num_test=5, seed=3)
+  smoke.write_data(str(tmp_path), num_train=24, num_test=5, seed=3)
   assert _files(tmp_path) == ['commonsense_170k.json'] + [
       f'dataset/{name}/test.json' for name in _SETS]
   train = data.read_examples(str(tmp_path / 'commonsense_170k.json'))
@@ -386,7 +387,7 @@ def test_smoke_data_files_and_round_trip(tmp_path):
 def test_smoke_data_is_deterministic_in_the_seed(tmp_path):
   def contents(seed):
     d = tmp_path / str(seed)
-    data.write_smoke_data(str(d), num_train=16, num_test=3, seed=seed)
+    smoke.write_data(str(d), num_train=16, num_test=3, seed=seed)
     return {f: (d / f).read_bytes() for f in _files(d)}
   first = contents(0)
   assert contents(0) == first
@@ -395,13 +396,13 @@ def test_smoke_data_is_deterministic_in_the_seed(tmp_path):
 
 
 def test_smoke_data_writes_atomically(tmp_path, monkeypatch):
-  data.write_smoke_data(str(tmp_path), num_train=8, num_test=2)
+  smoke.write_data(str(tmp_path), num_train=8, num_test=2)
   before = (tmp_path / 'commonsense_170k.json').read_bytes()
 
   def broken_dump(*args, **kwargs):
     raise OSError('disk full')
   monkeypatch.setattr(json, 'dump', broken_dump)
   with pytest.raises(OSError, match='disk full'):
-    data.write_smoke_data(str(tmp_path), num_train=8, num_test=2, seed=1)
+    smoke.write_data(str(tmp_path), num_train=8, num_test=2, seed=1)
   assert (tmp_path / 'commonsense_170k.json').read_bytes() == before
   assert [f for f in _files(tmp_path) if 'tmp' in f] == []

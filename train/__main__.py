@@ -15,6 +15,7 @@ import jax
 from ml_collections import config_flags
 
 from train import checkpoints
+from train import distributed
 from train import metrics
 from train import preemption
 from train import finetune
@@ -31,7 +32,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metrics.quiet_libraries()
   sys.excepthook = _without_closed_loop_noise(sys.excepthook)
-  _initialize_distributed()  # Before anything touches a JAX backend.
+  distributed.join_cluster()  # Before anything touches a JAX backend.
   logging.info('JAX process %d/%d, %d local devices', jax.process_index(),
                jax.process_count(), jax.local_device_count())
   try:
@@ -91,26 +92,6 @@ def _innermost(tb):
   while tb.tb_next is not None:
     tb = tb.tb_next
   return tb
-
-
-def _initialize_distributed() -> None:
-  """Joins the other processes of a multi-host run, if this is one.
-
-  ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with
-  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` launches by hand (or on CPUs,
-  over gloo); on SLURM, TPU pods and other clusters JAX detects it all.
-  """
-  env = os.environ
-  if 'JAX_COORDINATOR_ADDRESS' in env and 'JAX_NUM_PROCESSES' in env:
-    jax.distributed.initialize(
-        env['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(env['JAX_NUM_PROCESSES']),
-        process_id=int(env['JAX_PROCESS_ID']),
-    )
-  elif any(v in env for v in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
-                              'MEGASCALE_COORDINATOR_ADDRESS',
-                              'OMPI_COMM_WORLD_SIZE')):
-    jax.distributed.initialize()
 
 
 if __name__ == '__main__':

@@ -227,10 +227,20 @@ def _field_problems(config, rules) -> list[str]:
   return out
 
 
-def problems(config: ml_collections.ConfigDict, *,
-             num_devices: int) -> list[str]:
-  """One line per value that breaks a rule (empty when the config is fine)."""
-  out = _field_problems(config, RULES)
+def problems(config: ml_collections.ConfigDict, *, num_devices: int,
+             rules: Sequence[tuple[str, Any]] = RULES,
+             cross_field: Sequence[Callable] = CROSS_FIELD_RULES
+             ) -> list[str]:
+  """One line per value that breaks a rule (empty when the config is fine).
+
+  Args:
+    config: a run's config.
+    num_devices: the devices a batch is split over.
+    rules: the one-field rules; another recipe passes its own list (e.g.
+      ``RULES + ...``, as ``train.llm.checks`` does).
+    cross_field: the rules relating several fields, likewise.
+  """
+  out = _field_problems(config, rules)
   for key in SPLIT_OVER_DEVICES:
     try:
       value = _get(config, key)
@@ -239,7 +249,7 @@ def problems(config: ml_collections.ConfigDict, *,
     if isinstance(value, int) and value > 0 and value % num_devices:
       out.append(f'config.{key}={value}: must be a multiple of the'
                  f' {num_devices} devices')
-  for rule in CROSS_FIELD_RULES:
+  for rule in cross_field:
     out += rule(config, num_devices)
   return out
 
@@ -250,9 +260,13 @@ def _raise_if(found: list[str]) -> None:
                      + '\n  '.join(found))
 
 
-def check(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-  """Raises ``ValueError`` naming every bad key and its allowed range."""
-  _raise_if(problems(config, num_devices=num_devices))
+def check(config: ml_collections.ConfigDict, *, num_devices: int,
+          **rules) -> None:
+  """Raises ``ValueError`` naming every bad key and its allowed range.
+
+  ``rules``: ``rules=`` and ``cross_field=``, as :func:`problems` takes.
+  """
+  _raise_if(problems(config, num_devices=num_devices, **rules))
 
 
 def check_demo(config: ml_collections.ConfigDict, *, num_devices: int) -> None:

@@ -34,12 +34,20 @@ import spd_optax
 METHODS = ('adam', 'adamw', 'l2sp', 'spd', 'projection')
 
 
-def schedule_shape(warmup_steps: int, num_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to 1, then cosine decay to 0 at ``num_steps``."""
+def schedule_shape(warmup_steps: int, num_steps: int,
+                   decay: str = 'cosine') -> optax.Schedule:
+  """Linear warmup from 0 to 1, then cosine (or ``decay='linear'``, as
+  ``transformers``' default scheduler) decay to 0 at ``num_steps``."""
+  warmup = min(warmup_steps, max(num_steps - 1, 0))
+  if decay == 'linear':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, 1.0, warmup),
+         optax.linear_schedule(1.0, 0.0, max(num_steps - warmup, 1))],
+        [warmup])
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=1.0,
-      warmup_steps=min(warmup_steps, max(num_steps - 1, 0)),
+      warmup_steps=warmup,
       decay_steps=max(num_steps, 1),
       end_value=0.0,
   )
@@ -48,7 +56,8 @@ def schedule_shape(warmup_steps: int, num_steps: int) -> optax.Schedule:
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to ``learning_rate``, then cosine decay to 0."""
   opt = config.optimizer
-  shape = schedule_shape(opt.warmup_steps, config.num_train_steps)
+  shape = schedule_shape(opt.warmup_steps, config.num_train_steps,
+                         opt.get('decay', 'cosine'))
   return lambda count: opt.learning_rate * shape(count)
 
 
@@ -66,7 +75,8 @@ def make_optimizer(
 
   Args:
     config: the run's config, checked (``train.config_checks``); reads
-      ``optimizer.*`` and ``num_train_steps``.
+      ``optimizer.*`` (``optimizer.decay``: 'cosine' when absent, or
+      'linear') and ``num_train_steps``.
     lora: whether the trained params are LoRA adapters (plus a head): SPD and
       L2-SP then anchor at zero.
 
@@ -75,7 +85,8 @@ def make_optimizer(
     ``optax.apply_if_finite`` wraps it all when ``skip_nonfinite`` is set.
   """
   opt = config.optimizer
-  shape = schedule_shape(opt.warmup_steps, config.num_train_steps)
+  shape = schedule_shape(opt.warmup_steps, config.num_train_steps,
+                         opt.get('decay', 'cosine'))
   clip = (
       [optax.clip_by_global_norm(opt.grad_clip_norm)]
       if opt.grad_clip_norm

@@ -36,12 +36,13 @@ rather than moves: its checkpoints are the user's) all use it.
     ['optimizer.lr']
 """
 
+import fnmatch
 import functools
 import hashlib
 import json
 import logging
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
@@ -104,25 +105,55 @@ def _digests(paths: Iterable[str]) -> dict[str, str]:
   return {os.path.basename(p): file_sha256(p) for p in paths}
 
 
-def identity(config: ml_collections.ConfigDict) -> dict:
-  """``config`` as JSON, its location-only paths replaced by their content."""
+def identity(config: ml_collections.ConfigDict,
+             locations: Optional[Mapping[str, Any]] = None) -> dict:
+  """``config`` as JSON, its location-only paths replaced by their content.
+
+  Args:
+    config: a run's config.
+    locations: ``{dotted key: what the place it names holds}``; default: the
+      ViT recipe's (:func:`vision_locations`). Another recipe passes its own
+      (``train.llm`` describes its model and data folders).
+  """
   out = json.loads(config.to_json_best_effort(sort_keys=True))
-  if 'dataset' in out:
-    out['dataset']['data_dir'] = datasets_identity(config.dataset)
-  if out.get('pretrained', {}).get('path'):
-    out['pretrained']['path'] = _digests(
+  if locations is None:
+    locations = vision_locations(config)
+  for key, content in locations.items():
+    *parents, leaf = key.split('.')
+    node = out
+    for part in parents:
+      node = node[part]
+    node[leaf] = content
+  return out
+
+
+def vision_locations(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the ViT recipe's paths hold: data sets, weights, names, tokenizer."""
+  out = {}
+  if 'dataset' in config:
+    out['dataset.data_dir'] = datasets_identity(config.dataset)
+  if config.get('pretrained', {}).get('path'):
+    out['pretrained.path'] = _digests(
         weights.checkpoint_files(config.pretrained.path))
-  zeroshot = out.get('zeroshot')
+  zeroshot = config.get('zeroshot')
   if zeroshot is not None:
-    if zeroshot['class_names']:
-      zeroshot['class_names'] = _content(zeroshot['class_names'],
-                                         'config.zeroshot.class_names')
+    if zeroshot.class_names:
+      out['zeroshot.class_names'] = _content(zeroshot.class_names,
+                                             'config.zeroshot.class_names')
     if config.model.head_init == 'zeroshot':
-      zeroshot['tokenizer'] = _content(
+      out['zeroshot.tokenizer'] = _content(
           clip_text.tokenizer_path(config),
           'config.zeroshot.tokenizer, or tokenizer.json in'
           ' config.pretrained.path')
   return out
+
+
+def folder_contents(folder: str, patterns: Sequence[str] = ('*',)
+                    ) -> dict[str, str]:
+  """``{file name: SHA-256}`` of the files of ``folder`` matching a pattern."""
+  names = sorted({n for p in patterns for n in fnmatch.filter(
+      os.listdir(folder), p) if os.path.isfile(os.path.join(folder, n))})
+  return {n: file_sha256(os.path.join(folder, n)) for n in names}
 
 
 def _content(path: str, key: str) -> str:
@@ -260,7 +291,9 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict:
+def claim_workdir(workdir: str, config: ml_collections.ConfigDict, *,
+                  ident: Optional[dict] = None,
+                  resumable: Sequence[str] = RESUMABLE) -> dict:
   """Makes ``workdir`` this config's, or refuses a workdir of another one.
 
   A new workdir gets ``identity.json`` (what the run's numbers depend on, a
@@ -271,6 +304,12 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict:
   version (``config.json`` without ``identity.json``) is compared by its
   config.
 
+  Args:
+    workdir: the run's workdir.
+    config: its config.
+    ident: its identity; default: :func:`identity` (the ViT recipe's).
+    resumable: the keys that may differ on resumption.
+
   Returns:
     The identity.
 
@@ -278,7 +317,7 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict:
     ValueError: the workdir holds a run of another config, or its
       ``identity.json`` (or an older version's ``config.json``) is damaged.
   """
-  ident = identity(config)
+  ident = identity(config) if ident is None else ident
   id_path = os.path.join(workdir, IDENTITY_FILE)
   config_path = os.path.join(workdir, CONFIG_FILE)
   keys = []
@@ -287,12 +326,13 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> dict:
     if damage is None and not isinstance(record, dict):
       damage = 'not a record'
     _refuse_damaged(workdir, id_path, damage)
-    keys = differing_keys(record.get('identity', {}), ident)
+    keys = differing_keys(record.get('identity', {}), ident, resumable)
   elif os.path.exists(config_path):  # An older version's workdir.
     saved, damage = read_json(config_path)
     _refuse_damaged(workdir, config_path, damage)
     keys = differing_keys(
-        saved, json.loads(config.to_json_best_effort(sort_keys=True)))
+        saved, json.loads(config.to_json_best_effort(sort_keys=True)),
+        resumable)
   if keys:
     raise ValueError(f'Workdir {workdir} holds a run of a different config'
                      f' (keys {keys} differ); use a new --workdir.')

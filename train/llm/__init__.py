@@ -1,1 +1,1 @@
-"""LLM fine-tuning with SPD: the commonsense recipe (LoRA adapters)."""
+"""LLM fine-tuning with SPD: the commonsense-reasoning recipe (LoRA adapters)."""

@@ -14,17 +14,19 @@ is always empty, ``output`` is ``'the correct answer is <answer>'`` and
   own BOS, EOS appended unless truncated, cut at ``cutoff_len``) and marks the
   response tokens for the loss;
 - :func:`train_batches` serves endless, seeded, resumable fixed-shape batches,
-  each process its share of every global batch;
-- :func:`write_smoke_data` writes tiny files in the real sets' formats, and
-  :func:`smoke_tokenizer` a tokenizer for them (nothing to download).
+  each process its share of every global batch.
+
+``train.llm.smoke`` writes tiny files in the real sets' formats and a
+tokenizer for them (nothing to download):
 
     >>> import tempfile
+    >>> from train.llm import smoke
     >>> d = tempfile.mkdtemp()
-    >>> write_smoke_data(d, num_train=16, num_test=2)
+    >>> smoke.write_data(d, num_train=16, num_test=2)
     >>> train = read_examples(f'{d}/commonsense_170k.json')
     >>> len(train), sorted(train[0])
     (16, ['answer', 'input', 'instruction', 'output'])
-    >>> tokenizer = smoke_tokenizer(train)
+    >>> tokenizer = smoke.word_tokenizer(train)
     >>> batches = train_batches(train, tokenizer, batch_size=4, seq_len=128,
     ...                         seed=0)
     >>> b = next(batches)
@@ -39,7 +41,6 @@ is always empty, ``output`` is ``'the correct answer is <answer>'`` and
 
 import json
 import os
-import tempfile
 from typing import Any, Iterator
 
 import grain
@@ -136,43 +137,6 @@ def _check_row(row: Any, where: str, *, require_answer: bool) -> None:
     if not row[field] and (field == 'instruction' or
                            field == 'answer' and require_answer):
       raise ValueError(f'{where}: field {field!r} is empty.')
-
-
-def _write_json(path: str, value: Any) -> None:
-  """Writes ``value`` to ``path`` atomically (a temporary file, then rename)."""
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
-def write_smoke_data(directory: str, *, num_train: int = 64,
-                     num_test: int = 8, seed: int = 0) -> None:
-  """Tiny stand-ins for the real files, in the eight sets' formats.
-
-  Writes ``directory/commonsense_170k.json`` (``num_train`` rows from the
-  eight sets in turn, shuffled) and ``directory/dataset/<name>/test.json``
-  (``num_test`` rows each), laid out as the reference scripts expect. The
-  rows phrase their instructions and answers as the real sets do, with
-  made-up words; the same ``seed`` writes the same bytes.
-  """
-  # Imported here: the set formats live there, and it imports this module.
-  from train.llm import commonsense  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng([seed, 0])
-  names = commonsense.DATASETS
-  train = [commonsense.smoke_example(names[k % len(names)], rng)
-           for k in rng.permutation(num_train)]  # Every set, in any order.
-  _write_json(os.path.join(directory, 'commonsense_170k.json'), train)
-  for i, name in enumerate(commonsense.DATASETS):
-    rng = np.random.default_rng([seed, 1 + i])
-    _write_json(os.path.join(directory, 'dataset', name, 'test.json'),
-                [commonsense.smoke_example(name, rng) for _ in range(num_test)])
 
 
 # -- Prompts and tokens -------------------------------------------------------
@@ -325,26 +289,3 @@ def train_batches(
   # No reader threads: the examples are in memory, and a batch is a copy.
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
                                                    prefetch_buffer_size=0)))
-
-
-def smoke_tokenizer(examples: list[dict]):
-  """A word-level tokenizer of the examples' prompts, for runs offline.
-
-  Its vocabulary is the words and punctuation runs of the prompts; it adds
-  ``<s>`` in front, as Llama's does, and has ``</s>`` and ``<pad>``.
-  """
-  # pylint: disable=g-import-not-at-top
-  from tokenizers import Tokenizer, models, pre_tokenizers, processors
-  from tokenizers import trainers
-  import transformers
-  tok = Tokenizer(models.WordLevel(unk_token='<unk>'))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.train_from_iterator(
-      [prompt(e, with_response=True) for e in examples],
-      trainers.WordLevelTrainer(special_tokens=['<pad>', '<unk>', '<s>',
-                                                '</s>']))
-  tok.post_processor = processors.TemplateProcessing(
-      single='<s> $A', special_tokens=[('<s>', tok.token_to_id('<s>'))])
-  return transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token='<s>', eos_token='</s>',
-      pad_token='<pad>', unk_token='<unk>')

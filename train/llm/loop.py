@@ -1,0 +1,341 @@
+"""LoRA fine-tuning of a decoder LLM with SPD (or a baseline), then the eight
+commonsense sets: ``train_and_evaluate(config, workdir)``.
+
+Read top to bottom: refuse a bad config, hold the workdir, check it holds
+this config's run; build the mesh, load the model and add the adapters, read
+the data; restore the newest checkpoint; train (the val loss every
+``eval_every_steps``), checkpointing the adapters and the optimizer state;
+finally evaluate the test sets, write ``result.json`` and print the table.
+
+It keeps the ViT recipe's guarantees (``train.finetune``) with the same pieces:
+the same command resumes exactly (same batches, same dropout keys, adapters
+and optimizer state restored; the base weights are re-read from their files
+and never change); one run per workdir, of one identity
+(``train.workdir_lock``, ``train.run_identity``: a moved workdir or model
+folder resumes); SIGTERM or
+SIGINT saves the current step and stops (``train.preemption``); every saved
+step carries checksums (``train.checkpoints``) and none holds a NaN; a NaN
+loss stops the run before any checkpoint after it.
+"""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import transformers
+
+from train import checkpoints
+from train import files
+from train import metrics as metrics_lib
+from train import optimizers
+from train import preemption as preemption_lib
+from train import run_identity
+from train import workdir_lock
+from train.llm import checks
+from train.llm import data
+from train.llm import evaluate
+from train.llm import families
+from train.llm import mesh as mesh_lib
+from train.llm import models
+from train.llm import scoring
+from train.llm import smoke
+from train.llm import steps
+
+TIMING_KEYS = ('train/tokens_per_second',)
+# What may change between a run and its resumption: how it is watched and
+# saved, the mesh (checkpoints restore onto any), the final evaluation.
+RESUMABLE = run_identity.RESUMABLE + ('eval', 'eval_batch_size')
+
+
+# -- The workdir --------------------------------------------------------------
+
+# The files of a Hugging Face folder that the model is built from.
+MODEL_FILES = ('*.safetensors', 'config.json', 'tokenizer*', '*.model',
+               'special_tokens_map.json')
+
+
+def _identity(config: ml_collections.ConfigDict, model_dir: str,
+              data_dir: str) -> dict:
+  """The run's identity (``train.run_identity``): its config, with the model
+  and data folders replaced by what they hold (the model's files and the
+  data files read, by SHA-256), so a moved workdir or folder resumes."""
+  data_files = [config.data.train_file] + [
+      os.path.join('dataset', name, 'test.json')
+      for name in config.data.test_sets]
+  return run_identity.identity(config, {
+      'model.path': run_identity.folder_contents(model_dir, MODEL_FILES),
+      'data.dir': {f: run_identity.file_sha256(os.path.join(data_dir, f))
+                   for f in data_files}})
+
+
+# -- Set-up -------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run holds; ``lora`` and ``opt_state`` change each step."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  adapted: models.Adapted
+  lora: Any
+  opt_state: Any
+  tokenizer: Any
+  train_rows: list
+  val_rows: list
+  test_sets: dict
+  train_step: Any
+  val_loss: Any
+  scorer: scoring.Scorer
+
+
+def _inputs(config, workdir) -> tuple[str, str]:
+  """The model and data folders (generated for a smoke run)."""
+  if config.smoke.enabled:
+    return smoke.prepare(os.path.join(workdir, 'smoke'), config.smoke,
+                         seed=config.seed)
+  return config.model.path, config.data.dir
+
+
+def _read_data(config, data_dir) -> tuple[list, list, dict]:
+  """Train rows, the held-out validation rows, the test sets."""
+  rows = data.read_examples(os.path.join(data_dir, config.data.train_file))
+  held_out = set(np.random.default_rng(config.seed).permutation(len(rows))
+                 [:config.data.val_size].tolist())
+  train = [r for i, r in enumerate(rows) if i not in held_out]
+  val = [r for i, r in enumerate(rows) if i in held_out]
+  epochs = config.num_train_steps * config.batch_size / max(len(train), 1)
+  logging.info('%d training rows (%.2f epochs), %d validation rows.',
+               len(train), epochs, len(val))
+  tests = evaluate.read_test_sets(data_dir, config.data.test_sets,
+                                  config.data.max_eval_examples)
+  return train, val, tests
+
+
+def _set_up(config, mesh, model_dir: str, data_dir: str) -> Run:
+  loaded = models.load(model_dir, mesh=mesh, dtype=config.model.dtype,
+                       remat=config.model.remat)
+  logging.info('Loaded %s: %s', model_dir, loaded.report)
+  lora = config.model.lora
+  adapted = models.add_lora(loaded, models.LoraSpec(
+      lora.rank, lora.alpha, lora.dropout, tuple(lora.targets)),
+                            mesh=mesh, seed=config.seed)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+  train, val, tests = _read_data(config, data_dir)
+  tx = optimizers.make_optimizer(config, lora=True)
+  dtype = families.DTYPES[config.model.dtype]
+  pad = tokenizer.pad_token_id
+  adapters = adapted.lora.to_pure_dict()
+  return Run(
+      config, mesh, adapted, adapters, steps.initial_opt_state(tx, adapters),
+      tokenizer, train, val, tests,
+      steps.make_train_step(adapted.graphdef, tx, dtype=dtype, spd=(
+          config.optimizer.name in ('spd', 'projection'))),
+      steps.make_val_loss(adapted.eval_graphdef, dtype=dtype),
+      scoring.Scorer(adapted.eval_graphdef, loaded.config, mesh,
+                     max_new_tokens=config.eval.max_new_tokens,
+                     eos_id=tokenizer.eos_token_id,
+                     pad_id=tokenizer.eos_token_id if pad is None else pad))
+
+
+def _restore(run: Run, ckpt: checkpoints.Checkpointer) -> int:
+  restored = ckpt.restore_latest(run.lora, run.opt_state)
+  if restored is None:
+    return 0
+  step, run.lora, run.opt_state, _ = restored
+  logging.info('Resumed from step %d', step)
+  return step
+
+
+# -- Training -----------------------------------------------------------------
+
+def _shard_batch(batch: dict, run: Run) -> dict:
+  """This process's rows -> global [k, micro, T] arrays (k micro-batches;
+  each process gives each micro-batch its share of rows)."""
+  k = run.config.batch_size // run.config.micro_batch_size
+  sharding = mesh_lib.rows_sharding(run.mesh, axis=1)
+  out = {}
+  for name, local in batch.items():
+    local = np.asarray(local).reshape(k, -1, local.shape[-1])
+    out[name] = jax.make_array_from_process_local_data(
+        sharding, local, (k, run.config.micro_batch_size, local.shape[-1]))
+  return out
+
+
+def _val_loss(run: Run) -> dict[str, float]:
+  """Token-mean loss on the held-out rows (empty when there are none)."""
+  if not run.val_rows:
+    return {}
+  size, cutoff = run.config.eval_batch_size, run.config.data.cutoff_len
+  batches = data.train_batches(run.val_rows, run.tokenizer, batch_size=size,
+                               seq_len=cutoff, seed=0,
+                               train_on_inputs=run.config.data.train_on_inputs)
+  total = count = 0.0
+  for _ in range(-(-len(run.val_rows) // size)):  # One epoch, some twice.
+    batch = {k: mesh_lib.to_global(np.asarray(v), run.mesh)
+             for k, v in next(batches).items()}
+    t, c = run.val_loss(run.lora, run.adapted.base, batch)
+    total, count = total + float(t), count + float(c)
+  return {'val/loss': total / max(count, 1.0)}
+
+
+def _check_finite(out: dict, step: int, config) -> None:
+  loss, grad_norm = out['train/loss'], out['train/grad_norm']
+  if config.optimizer.skip_nonfinite or (np.isfinite(loss)
+                                         and np.isfinite(grad_norm)):
+    return
+  raise FloatingPointError(
+      f'Loss is {loss} and gradient norm {grad_norm} at step {step}; the'
+      ' newest checkpoint is from before it. Lower'
+      ' config.optimizer.learning_rate, or set'
+      ' config.optimizer.skip_nonfinite=True to skip such steps.')
+
+
+def _is_eval_step(step: int, config) -> bool:
+  return step % config.eval_every_steps == 0 or step == config.num_train_steps
+
+
+def _eval_pending(step: int, config, writer) -> bool:
+  """Whether ``step`` was saved but its val loss not logged (preempted)."""
+  pending = (step > 0 and _is_eval_step(step, config)
+             and not writer.has_row(step, 'val/'))
+  return bool(multihost_utils.broadcast_one_to_all(np.bool_(pending)))
+
+
+@dataclasses.dataclass
+class _Clock:
+  """Tokens per second over the steps since the last log."""
+  start: float = dataclasses.field(default_factory=time.perf_counter)
+  tokens: int = 0
+
+  def rate(self) -> float:
+    now, tokens, start = time.perf_counter(), self.tokens, self.start
+    self.start, self.tokens = now, 0
+    return tokens / max(now - start, 1e-9)
+
+
+def _after_step(run, step, out, *, last_step, stop, ckpt, writer, clock):
+  """Logs, saves and evaluates what ``step`` calls for."""
+  config = run.config
+  is_log = step % config.log_every_steps == 0 or step == config.num_train_steps
+  is_save = (step % config.checkpoint_every_steps == 0 or step == last_step
+             or stop)
+  if is_log or is_save:  # No checkpoint may hold NaNs.
+    out = jax.device_get(out)
+    _check_finite(out, step, config)
+  if is_log:
+    out['train/learning_rate'] = float(
+        optimizers.learning_rate_schedule(config)(step - 1))
+    out['train/tokens_per_second'] = clock.rate()
+    writer.write(step, out)
+  if is_save:  # Before evaluating: a crash there loses no training.
+    ckpt.save(step, run.lora, run.opt_state, {'step': step})
+  if not stop and _is_eval_step(step, config):
+    writer.write(step, _val_loss(run))
+
+
+def _train(run: Run, start_step: int, *, ckpt, writer, preemption) -> int:
+  """Steps ``start_step + 1 ..``; returns the last step done."""
+  config = run.config
+  last_step = config.num_train_steps
+  if config.max_steps_per_run > 0:
+    last_step = min(last_step, start_step + config.max_steps_per_run)
+  if _eval_pending(start_step, config, writer):
+    writer.write(start_step, _val_loss(run))
+  batches: Iterator[dict] = data.train_batches(
+      run.train_rows, run.tokenizer, batch_size=config.batch_size,
+      seq_len=config.data.cutoff_len, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      train_on_inputs=config.data.train_on_inputs)
+  root_key = jax.random.key(config.seed + 1)
+  clock, step = _Clock(), start_step
+  for step in range(start_step + 1, last_step + 1):
+    batch = next(batches)
+    clock.tokens += int(np.sum(batch['attention_mask'])) * jax.process_count()
+    run.lora, run.opt_state, out = run.train_step(
+        run.lora, run.opt_state, run.adapted.base, _shard_batch(batch, run),
+        jax.random.fold_in(root_key, step))
+    stop = preemption.reached(step)
+    _after_step(run, step, out, last_step=last_step, stop=stop, ckpt=ckpt,
+                writer=writer, clock=clock)
+    if stop:  # The workdir's ExitStack waits for the save, closes the log.
+      raise preemption_lib.Preempted(
+          f'Stopped by {preemption.signal_name} after step {step}; run the'
+          ' same command to resume.')
+  return step
+
+
+# -- The end ------------------------------------------------------------------
+
+def _final_results(run: Run, workdir: str, writer) -> dict[str, float]:
+  """The test sets' accuracies, evaluated once (``result.json`` keeps them)."""
+  path = os.path.join(workdir, 'result.json')
+  if os.path.exists(path):  # Finished before: nothing to redo.
+    with open(path) as f:
+      return json.load(f)['metrics']
+  results = evaluate.evaluate(
+      run.scorer, (run.lora, run.adapted.base), run.tokenizer, run.test_sets,
+      modes=tuple(run.config.eval.modes),
+      batch_size=run.config.eval_batch_size)
+  writer.write(run.config.num_train_steps, results)
+  if jax.process_index() == 0:
+    with files.atomic_write(path) as f:
+      json.dump({'step': run.config.num_train_steps, 'metrics': results}, f,
+                indent=2, sort_keys=True)
+  return results
+
+
+def _print_table(results: dict[str, float]) -> None:
+  if jax.process_index() != 0 or not results:
+    return
+  modes = sorted({k.split('/')[1] for k in results})
+  names = sorted({k.split('/')[2] for k in results},
+                 key=lambda n: (n == 'mean', n))
+  rows = [[n] + [results.get(f'eval/{m}/{n}', float('nan')) for m in modes]
+          for n in names]
+  print(metrics_lib.format_table(rows, ['set'] + [f'{m} %' for m in modes]))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains, checkpoints and evaluates; returns the test sets' accuracies.
+
+  Refuses a nonsensical config before any work, and a workdir another run
+  holds or that holds another config's run. SIGTERM / SIGINT save the
+  current step, then raise ``train.preemption.Preempted``.
+  """
+  checks.check(config, num_devices=jax.device_count())
+  workdir = os.path.abspath(workdir)
+  with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(workdir_lock.WorkdirLock(workdir))
+    preemption = cleanup.enter_context(preemption_lib.Preemption())
+    model_dir, data_dir = _inputs(config, workdir)
+    run_identity.claim_workdir(
+        workdir, config, ident=_identity(config, model_dir, data_dir),
+        resumable=RESUMABLE)
+    mesh = mesh_lib.make_mesh(config)
+    with jax.set_mesh(mesh):
+      run = _set_up(config, mesh, model_dir, data_dir)
+      ckpt = cleanup.enter_context(checkpoints.Checkpointer(
+          os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
+          async_save=config.async_checkpointing))
+      start_step = _restore(run, ckpt)
+      writer = metrics_lib.MetricWriter(workdir)
+      cleanup.callback(writer.close)
+      writer.truncate_after(start_step)
+      step = _train(run, start_step, ckpt=ckpt, writer=writer,
+                    preemption=preemption)
+      if step < config.num_train_steps:
+        logging.info('Stopped after step %d (config.max_steps_per_run); run'
+                     ' the same command to continue.', step)
+        return {}
+      ckpt.wait()
+      results = _final_results(run, workdir, writer)
+  _print_table(results)
+  return results
