@@ -2,22 +2,15 @@ r"""Fine-tune a ViT with SPD: ``python -m train --config configs/X.py --workdir 
 
 Override any config field on the command line, e.g.
 ``--config.optimizer.name=spd --config.optimizer.weight_decay=0.5``. Running
-again with the same workdir resumes from its newest checkpoint.
+again with the same workdir resumes from its newest checkpoint; a signal
+saves and exits 0, a full disk ends in one line (``train.command_line``).
 """
-
-import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
-import jax
 from ml_collections import config_flags
 
-from train import checkpoints
-from train import distributed
-from train import metrics
-from train import preemption
+from train import command_line
 from train import finetune
 
 FLAGS = flags.FLAGS
@@ -30,68 +23,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  metrics.quiet_libraries()
-  sys.excepthook = _without_closed_loop_noise(sys.excepthook)
-  distributed.join_cluster()  # Before anything touches a JAX backend.
-  logging.info('JAX process %d/%d, %d local devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count())
-  try:
-    finetune.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except preemption.Preempted as e:  # Saved: a clean stop.
-    logging.warning('%s', e)
-  except Exception as e:  # pylint: disable=broad-except
-    full = checkpoints.disk_full_error(e)
-    if full is None:
-      raise
-    # One line, not Orbax's and asyncio's pages of tracebacks.
-    _exit_with_last_line(
-        f'No space left on device while writing'
-        f' {full.filename or FLAGS.workdir}; every checkpoint already saved'
-        ' is intact. Free space and run the same command to resume.')
-
-
-def _exit_with_last_line(message: str) -> None:
-  """Prints ``message`` as the very last line and exits with status 1.
-
-  After a save fails on a full disk, Orbax's and TensorStore's background
-  writes keep failing one by one, and some print their error (or raise it
-  again at interpreter shutdown) after ours. Nothing is left to lose by
-  skipping the rest of the shutdown: the run's lock and checkpointer were
-  released on the way out of ``train_and_evaluate``, every metrics row is
-  already closed on disk, and the half-written step is a temporary directory
-  that no restore reads.
-  """
-  logging.flush()
-  sys.stdout.flush()
-  sys.stderr.write(message + '\n')
-  sys.stderr.flush()
-  os._exit(1)  # pylint: disable=protected-access
-
-
-def _without_closed_loop_noise(excepthook):
-  """Drops the tracebacks of callbacks that outlive Orbax's event loop.
-
-  When an asynchronous save fails (a full disk), Orbax closes its asyncio
-  loop while TensorStore writes are still finishing; each one's callback
-  then fails in ``loop.call_soon_threadsafe`` and TensorStore prints its
-  traceback (hundreds of lines). Only that exception is dropped: the save's
-  own error reaches ``main`` and is reported.
-  """
-
-  def hook(kind, value, tb):
-    if (kind is RuntimeError and str(value) == 'Event loop is closed'
-        and tb is not None and _innermost(tb).tb_frame.f_code.co_name
-        == '_check_closed'):
-      return
-    excepthook(kind, value, tb)
-
-  return hook
-
-
-def _innermost(tb):
-  while tb.tb_next is not None:
-    tb = tb.tb_next
-  return tb
+  command_line.run(finetune.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

@@ -254,7 +254,8 @@ def problems(config: ml_collections.ConfigDict, *, num_devices: int,
   return out
 
 
-def _raise_if(found: list[str]) -> None:
+def refuse(found: list[str]) -> None:
+  """Raises ``ValueError`` listing ``found`` (one line per problem), if any."""
   if found:
     raise ValueError('Invalid config (nothing was run):\n  '
                      + '\n  '.join(found))
@@ -266,7 +267,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int,
 
   ``rules``: ``rules=`` and ``cross_field=``, as :func:`problems` takes.
   """
-  _raise_if(problems(config, num_devices=num_devices, **rules))
+  refuse(problems(config, num_devices=num_devices, **rules))
 
 
 def check_demo(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
@@ -275,4 +276,4 @@ def check_demo(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   for stage in ('foundation', 'finetune'):
     found += [p.replace('config.', f'config.{stage}.', 1) for p in
               problems(config[stage], num_devices=num_devices)]
-  _raise_if(found)
+  refuse(found)

@@ -8,18 +8,15 @@ r"""LoRA fine-tuning of a decoder LLM with SPD, then the commonsense sets.
 Override any config field on the command line; running again with the same
 workdir resumes from its newest checkpoint. On a cluster (SLURM, TPU pods, or
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``)
-every process runs this same command.
+every process runs this same command. A signal saves and exits 0, a full
+disk ends in one line (``train.command_line``).
 """
 
 from absl import app
 from absl import flags
-from absl import logging
-import jax
 from ml_collections import config_flags
 
-from train import distributed
-from train import metrics
-from train import preemption
+from train import command_line
 from train.llm import loop
 
 FLAGS = flags.FLAGS
@@ -29,17 +26,11 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  metrics.quiet_libraries()
-  distributed.join_cluster()  # Before anything touches a JAX backend.
-  logging.info('JAX process %d/%d, %d local devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count())
-  try:
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except preemption.Preempted as e:  # Saved: a clean stop.
-    logging.warning('%s', e)
+  command_line.run(loop.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

@@ -72,7 +72,4 @@ def problems(config: ml_collections.ConfigDict, *,
 
 def check(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   """Raises ``ValueError`` naming every bad key and what it allows."""
-  found = problems(config, num_devices=num_devices)
-  if found:
-    raise ValueError('Invalid config (nothing was run):\n  '
-                     + '\n  '.join(found))
+  cc.refuse(problems(config, num_devices=num_devices))
