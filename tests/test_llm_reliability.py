@@ -153,8 +153,9 @@ def test_the_same_command_twice_is_refused_naming_the_holder(cache, tmp_path):
 
 
 def test_the_smoke_config_as_the_readme_runs_it(tmp_path):
-  """``python -m train.llm --config configs/commonsense.py:smoke`` in < 2 min
-  (no compilation cache, nothing but the command)."""
+  """``python -m train.llm --config configs/commonsense.py:smoke`` as a user
+  runs it (no compilation cache, nothing but the command): its table, and no
+  warning a user cannot act on."""
   start = time.perf_counter()
   result = subprocess.run(
       llm_helpers.llm_command(str(tmp_path / 'smoke')),
@@ -162,8 +163,10 @@ def test_the_smoke_config_as_the_readme_runs_it(tmp_path):
       capture_output=True, text=True, timeout=300)
   seconds = time.perf_counter() - start
   assert result.returncode == 0, result.stderr[-5000:]
-  print(f'\n{seconds:.1f} s\n{result.stdout}')
-  assert seconds < 120
+  print(f'\n{seconds:.1f} s\n{result.stdout}')  # The README's time: measured.
+  warnings = [line for line in result.stderr.splitlines()
+              if line.startswith(('W', 'E')) or 'You are using a model' in line]
+  assert not warnings, warnings
   lines = result.stdout.splitlines()
   assert lines[0].split() == ['set', 'generate', '%', 'loglik', '%']
   assert [l.split()[0] for l in lines[2:]] == sorted(

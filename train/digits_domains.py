@@ -215,7 +215,9 @@ def build(data_dir: str, configs=ALL_DOMAINS + ('mixture',)) -> None:
   for name in configs:
     builder = DigitsDomains(config=name, data_dir=data_dir,
                             file_format='array_record')
-    if not builder.is_prepared():
+    # TFDS's is_prepared() warns about a folder it does not find; ask it
+    # only about one that exists.
+    if not (builder.data_path.exists() and builder.is_prepared()):
       tfds.disable_progress_bar()  # Ours say enough.
       # TFDS prints its progress to stdout; keep stdout for the caller.
       with contextlib.redirect_stdout(io.StringIO()):

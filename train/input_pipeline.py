@@ -79,7 +79,9 @@ def _ensure_prepared(name: str, data_dir, *, module: str = '',
         f'TFDS does not know the dataset {name!r} (config.dataset; a set'
         f' defined in your own module needs config.dataset.tfds_module): {e}'
     ) from e
-  if builder.is_prepared():
+  # TFDS's is_prepared() warns about a folder it does not find (a set not yet
+  # prepared); ask it only about one that exists.
+  if builder.data_path.exists() and builder.is_prepared():
     return
   if prepare:
     tfds.disable_progress_bar()  # Ours say enough.
