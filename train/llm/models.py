@@ -268,7 +268,8 @@ def cast(lora, dtype):
 
 
 def logits(model, tokens, positions, attention_mask, cache=None):
-  """``(float32 logits [B, T, V], cache)`` of Tunix's forward pass.
+  """``(float32 logits [B, T, V], cache)`` of Tunix's forward pass (float64
+  logits for a float64 model, as the float64 parity tests run it).
 
   Args:
     model: a Tunix decoder (with or without adapters).
@@ -278,7 +279,7 @@ def logits(model, tokens, positions, attention_mask, cache=None):
     cache: from :func:`init_cache`, or None.
   """
   out, cache = model(tokens, positions, cache, attention_mask)
-  return out.astype(jnp.float32), cache
+  return out.astype(jnp.promote_types(out.dtype, jnp.float32)), cache
 
 
 def cache_spec(config) -> tuple[int, int, int]:

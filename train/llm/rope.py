@@ -57,14 +57,15 @@ class Rope:
   high_freq_factor: float = 4.0  # 'llama3' only.
   original_max_position_embeddings: int = 8192  # 'llama3' only.
 
-  def inv_freq(self, head_dim: int) -> np.ndarray:
-    """The angular frequencies, float32 as ``transformers`` rounds them."""
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / head_dim
-    inv = (1.0 / (np.float32(self.theta) ** exponents)).astype(np.float32)
+  def inv_freq(self, head_dim: int, dtype=np.float32) -> np.ndarray:
+    """The angular frequencies, rounded to float32 as ``transformers``
+    rounds them (or float64 throughout, for a float64 model)."""
+    exponents = np.arange(0, head_dim, 2).astype(dtype) / dtype(head_dim)
+    inv = (1.0 / (dtype(self.theta) ** exponents)).astype(dtype)
     if self.kind == 'linear':
-      return (inv / np.float32(self.factor)).astype(np.float32)
+      return (inv / dtype(self.factor)).astype(dtype)
     if self.kind == 'llama3':
-      return self._llama3(inv)
+      return self._llama3(inv).astype(dtype)
     return inv
 
   def _llama3(self, inv: np.ndarray) -> np.ndarray:
@@ -77,14 +78,17 @@ class Rope:
     mid = (1 - smooth) * inv / self.factor + smooth * inv
     out = np.where(wavelen > low_wavelen, inv / self.factor, inv)
     between = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    return np.where(between, mid, out).astype(np.float32)
+    return np.where(between, mid, out)
 
 
 def rotate(x: jnp.ndarray, positions: jnp.ndarray, rope: Rope) -> jnp.ndarray:
-  """``x`` [B, L, N, H] rotated by ``positions`` [B, L] (``transformers``)."""
-  inv = jnp.asarray(rope.inv_freq(x.shape[-1]))
-  angles = positions.astype(jnp.float32)[..., None] * inv  # [B, L, H/2]
-  # As transformers: cos and sin in float32, then in x's dtype.
+  """``x`` [B, L, N, H] rotated by ``positions`` [B, L] (``transformers``).
+
+  Angles, cos and sin in float32 as ``transformers`` computes them, then in
+  ``x``'s dtype; in float64 when ``x`` is (the float64 parity check)."""
+  angle_dtype = np.float64 if x.dtype == jnp.float64 else np.float32
+  inv = jnp.asarray(rope.inv_freq(x.shape[-1], angle_dtype))
+  angles = positions.astype(angle_dtype)[..., None] * inv  # [B, L, H/2]
   cos = jnp.cos(angles)[..., None, :].astype(x.dtype)  # [B, L, 1, H/2]
   sin = jnp.sin(angles)[..., None, :].astype(x.dtype)
   first, second = jnp.split(x, 2, axis=-1)
