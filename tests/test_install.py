@@ -7,9 +7,11 @@ and the environment the tests run in must be the locked one (what a fresh
 install gives), down to the last transitive dependency.
 """
 
+import ast
 import importlib.metadata
 import os
 import re
+import sys
 import tomllib
 
 from packaging import requirements
@@ -152,3 +154,54 @@ def test_the_environment_is_the_locked_one():
   assert not wrong, ('installed, not as requirements.lock says (install with'
                      ' README\'s command):\n' + '\n'.join(wrong))
 
+
+
+def _imported_distributions(paths) -> dict[str, set[str]]:
+  """Distributions the modules under ``paths`` import (anywhere in them), by
+  the file that imports them; the standard library and our own left out."""
+  own = {'spd_optax', 'train', 'configs', 'tests', 'benchmarks'}
+  by_module = importlib.metadata.packages_distributions()
+  found = {}
+  for path in paths:
+    for root, _, files in os.walk(os.path.join(REPO, path)):
+      for name in (f for f in files if f.endswith('.py')):
+        file = os.path.join(root, name)
+        with open(file) as f:
+          tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+          if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+          elif isinstance(node, ast.ImportFrom) and not node.level:
+            modules = [node.module]
+          else:
+            continue
+          for module in (m.split('.')[0] for m in modules):
+            if module in own or module in sys.stdlib_module_names:
+              continue
+            for dist in by_module.get(module, [module]):
+              found.setdefault(utils.canonicalize_name(dist), set()).add(
+                  os.path.relpath(file, REPO))
+  return found
+
+
+@pytest.mark.parametrize('extras, paths', [
+    (('train',), ('train', 'configs')),  # The ViT recipe and the demo.
+    (('train', 'llm'), ('train/llm', 'configs/commonsense.py')),
+])
+def test_each_recipe_imports_only_what_its_extras_install(extras, paths):
+  """The README's demo command installs the ``train`` extra alone: a module
+  of the recipe that imports a package only the tests' extras bring fails
+  there and nowhere else."""
+  groups = _pyproject_requirements()
+  roots = [(req, set()) for group in ('',) + extras for req in groups[group]]
+  installed = set(_closure(roots))
+  if paths[0] == 'train':  # The vision recipe: train/ but its llm/ folder.
+    imported = {d: {f for f in files if not f.startswith('train/llm/')
+                    and f != 'configs/commonsense.py'}
+                for d, files in _imported_distributions(paths).items()}
+  else:
+    imported = _imported_distributions(paths)
+  missing = {d: sorted(f) for d, f in imported.items()
+             if f and d not in installed}
+  assert not missing, (f'imported but not installed by the extras {extras}'
+                       f' (pyproject.toml): {missing}')
