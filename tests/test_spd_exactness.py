@@ -93,19 +93,22 @@ def test_non_selective_matches_reference(x64):
   assert all(all(f.values()) for f in fired)
 
 
-@pytest.mark.parametrize('leafwise', [False, True])
+@pytest.mark.parametrize('leafwise', [False, True],
+                         ids=['wrapper', 'adamspd'])
 def test_weight_decay_zero_equals_inner(leafwise):
   """lambda = 0 leaves the inner optimizer's update untouched.
 
   Wrapping the whole-tree Adam, the jitted updates are bitwise equal. Run leaf
-  by leaf (``leafwise=True``, what adamspd does), XLA may reassociate Adam's
-  divisions differently for a lone leaf than inside the whole tree, so there
-  they agree to a few float32 ulps.
+  by leaf (adamspd), XLA may reassociate Adam's divisions differently for a
+  lone leaf than inside the whole tree, so there they agree to a few float32
+  ulps.
   """
   theta0, grad_fn = _noisy_quadratic()
   params = {k: jnp.asarray(x, jnp.float32) for k, x in theta0.items()}
-  spd = spd_optax.selective_projection_decay(
-      optax.adam(0.05), weight_decay=0.0, leafwise=leafwise)
+  if leafwise:
+    spd = spd_optax.adamspd(0.05, weight_decay=0.0)
+  else:
+    spd = spd_optax.selective_projection_decay(optax.adam(0.05), 0.0)
   adam = optax.adam(0.05)
   s_spd, s_adam = spd.init(params), adam.init(params)
   p_spd = p_adam = params
