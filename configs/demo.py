@@ -12,8 +12,8 @@ noise, blur, thick strokes, colour, small: "near" OOD) and five it never sees
 (shear, elastic, outline, occlude, clutter: "far" OOD), split by digit into
 ``pretrain`` (697), ``train`` (400), ``validation`` (300) and ``test`` (400).
 
-**The foundation, and why this one.** The paper's regime (see
-``../shared/ROBUST_FT.md``) is a foundation pre-trained on broad data that
+**The foundation, and why this one.** The paper's regime (docs/algorithm.rst,
+"The regime SPD is for") is a foundation pre-trained on broad data that
 covers the shifted domains, on a task other than the downstream one, without
 the downstream labels: CLIP has never been trained on ImageNet's labels, a
 linear probe on it is well below fine-tuning in distribution, and

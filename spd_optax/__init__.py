@@ -3,6 +3,7 @@
 Users only ever type ``spd_optax.<name>``.
 """
 
+from spd_optax._anchors import AnchorSpec
 from spd_optax._anchors import set_anchor
 from spd_optax._diagnostics import diagnostics_summary
 from spd_optax._diagnostics import get_diagnostics
@@ -12,6 +13,7 @@ from spd_optax._l2sp import l2sp
 from spd_optax._l2sp import L2SPState
 from spd_optax._masks import exclude_paths
 from spd_optax._masks import KEY_BIAS_PATTERN
+from spd_optax._masks import LeafFlags
 from spd_optax._spd import adamspd
 from spd_optax._spd import projection_decay
 from spd_optax._spd import ProjectionDiagnostics
@@ -21,8 +23,10 @@ from spd_optax._spd import SPDState
 __version__ = "0.1.0"
 
 __all__ = (
+    "AnchorSpec",
     "KEY_BIAS_PATTERN",
     "L2SPState",
+    "LeafFlags",
     "ProjectionDiagnostics",
     "SPDState",
     "adaml2sp",

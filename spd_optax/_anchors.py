@@ -18,7 +18,9 @@ import optax
 from spd_optax import _checks
 from spd_optax import _masks
 
-# 'params' (a copy of the params at init), 'zeros', or a pytree of arrays.
+# The anchor theta_0 of SPD and L2-SP: 'params' (a copy of the params at
+# init: full fine-tuning), 'zeros' (PEFT adapters: stores nothing), or a
+# pytree of arrays with the params' structure. Public as spd_optax.AnchorSpec.
 AnchorSpec = Union[str, optax.Params]
 
 # The state classes whose `anchor` field `set_anchor` resets.

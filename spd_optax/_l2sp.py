@@ -29,7 +29,7 @@ class L2SPState(NamedTuple):
 def l2sp(
     weight_decay: optax.ScalarOrSchedule,
     *,
-    anchor: Any = 'params',
+    anchor: _anchors.AnchorSpec = 'params',
     mask: Optional[_masks.LeafFlags] = None,
     anchor_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
@@ -108,7 +108,7 @@ def adaml2sp(
     eps_root: float = 0.0,
     weight_decay: optax.ScalarOrSchedule = 1e-2,
     *,
-    anchor: Any = 'params',
+    anchor: _anchors.AnchorSpec = 'params',
     mask: Optional[_masks.LeafFlags] = None,
     anchor_dtype: Optional[Any] = None,
     mu_dtype: Optional[Any] = None,

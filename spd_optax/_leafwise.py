@@ -13,13 +13,17 @@ before it starts the next and reuses one leaf's worth of temporaries. The zero
 is exact (``x + 0.0 == x`` for every finite or infinite ``x``; only the sign of
 a zero can change), so the numbers do not change.
 
-Around a whole-tree inner optimizer the chain can only start after it, so the
-inner updates of all leaves still exist at once. When the inner optimizer
-treats each leaf on its own (Adam, AdamW, SGD, Lion, RMSProp; not global-norm
-clipping), SPD instead calls it once per leaf (:func:`split_state`,
-:func:`chain_state`, :func:`merge_states`) and the chain covers it too.
+Around a whole-tree inner optimizer (:class:`WholeTree`) the chain can only
+start after it, so the inner updates of all leaves still exist at once.
+:func:`spd_optax.adamspd` builds its inner optimizer itself
+(``optax.scale_by_adam``, which treats each leaf on its own) and calls it once
+per leaf instead (:class:`PerLeaf`), so that the chain covers it too. Users
+cannot ask for that path: whether an arbitrary transformation treats its
+leaves apart cannot be checked (global-norm clipping, a mask computed from
+paths), and running one that does not leaf by leaf changes its maths.
 """
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import jax
@@ -93,82 +97,118 @@ def chain_state(
   ])
 
 
+class LeafChain:
+  """The CPU ordering of the leaves, one leaf at a time in a loop.
+
+  For each leaf, :meth:`zero_for` gives the exact zero to add to its inputs
+  (``None`` when there is none: off CPU, outside ``jit``, a small leaf, or the
+  first chained leaf), and :meth:`done` makes the next chained leaf wait for
+  this leaf's ``value``.
+  """
+
+  def __init__(self, leaves: Sequence[Any]):
+    # It only matters to XLA's scheduler: not when running eagerly.
+    self._enabled = sequencing_enabled() and any(
+        isinstance(x, jax.core.Tracer) for x in leaves)
+    self._zero = None
+    self._linked = False
+
+  def zero_for(self, leaf: Any) -> Optional[jax.Array]:
+    self._linked = self._enabled and worth_chaining(leaf)
+    return self._zero if self._linked else None
+
+  def done(self, value: jax.Array) -> None:
+    if self._linked:
+      self._zero = zero_after(value)
+
+
+class WholeTree:
+  """The inner update of every leaf, computed at once on the whole tree."""
+
+  def __init__(self, inner, grads, state, params, extra_args):
+    updates, self._state = inner.update(grads, state, params, **extra_args)
+    self._leaves = jax.tree.leaves(updates)
+
+  def leaf(self, i: int, grad: Any, param: Any, zero: Optional[jax.Array]):
+    del grad, param  # Used already, on the whole tree.
+    return after(self._leaves[i], zero)
+
+  def new_state(self) -> Any:
+    return self._state
+
+
+class PerLeaf:
+  """The inner update of one leaf at a time (call :meth:`leaf` for every
+  leaf, in order), for an inner optimizer that treats each leaf on its own."""
+
+  def __init__(self, inner, grads, state, params, extra_args):
+    del grads  # Given leaf by leaf.
+    self._inner, self._params, self._extra_args = inner, params, extra_args
+    self._states, self._split_def, self._per_leaf = split_state(state, params)
+    self._new_states = []
+
+  def leaf(self, i: int, grad: Any, param: Any, zero: Optional[jax.Array]):
+    leaf_state = chain_state(
+        self._states[i], self._split_def, self._per_leaf, zero)
+    update, leaf_state = self._inner.update(
+        grad, leaf_state, param, **self._extra_args)
+    self._new_states.append(leaf_state)
+    return update
+
+  def new_state(self) -> Any:
+    return merge_states(
+        self._new_states, self._split_def, self._per_leaf, self._params)
+
+
 def _is_subtree_like(params_def):
   return lambda x: jax.tree.structure(x) == params_def
 
 
-def _is_random_key(node: Any) -> bool:
-  """A typed key (``jax.random.key``) or a raw one (uint32, shape (2,))."""
-  dtype = getattr(node, 'dtype', None)
-  if dtype is None:
-    return False
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    return True
-  return dtype == jnp.uint32 and jnp.shape(node) == (2,)
-
-
-def split_state(
-    state: Any, params: Any, what: str
-) -> tuple[list[Any], Any, list[bool]]:
+def split_state(state: Any, params: Any) -> tuple[list[Any], Any, list[bool]]:
   """Splits an optimizer state into one state per leaf of ``params``.
 
   Every subtree of ``state`` with the structure of ``params`` (Adam's
-  ``mu``/``nu``, momentum...) is replaced by its i-th leaf; every other leaf
-  (step counts, hyperparameters) is shared.
+  ``mu``/``nu``) is replaced by its i-th leaf; every other leaf (the step
+  count) is shared.
 
   Args:
     state: the inner optimizer's state for the whole ``params`` tree.
     params: the params.
-    what: the transformation's name, for error messages.
 
   Returns:
     ``(states, treedef, is_per_leaf)``: the per-leaf states, the treedef of a
     split state, and which of its leaves come from params-shaped subtrees.
 
   Raises:
-    ValueError: if the state holds a random key (``optax.noisy_sgd``'s: every
-      leaf would draw the same noise) or a non-scalar array outside the
+    ValueError: if the state holds a non-scalar array outside the
       params-shaped subtrees (e.g. ``optax.masked``'s), which cannot be split
-      by leaf.
+      by leaf: only an inner optimizer built for it may run here.
   """
   params_def = jax.tree.structure(params)
-  num_leaves = params_def.num_leaves
   is_subtree = _is_subtree_like(params_def)
   nodes_with_paths, split_def = jax.tree_util.tree_flatten_with_path(
       state, is_leaf=is_subtree
   )
-  is_per_leaf = []
-  for path, node in nodes_with_paths:
-    per_leaf = is_subtree(node)
-    if not per_leaf and _is_random_key(node):
-      raise ValueError(
-          f'{what}(leafwise=True): the inner optimizer state holds a random'
-          f' key at {jax.tree_util.keystr(path)}, shared by the whole tree'
-          ' (e.g. optax.noisy_sgd, optax.add_noise): run one leaf at a time,'
-          ' every leaf would draw the same noise. Use leafwise=False.'
-      )
+  is_per_leaf = [is_subtree(node) for _, node in nodes_with_paths]
+  for (path, node), per_leaf in zip(nodes_with_paths, is_per_leaf):
     if not per_leaf and jnp.ndim(node) > 0:
       raise ValueError(
-          f'{what}(leafwise=True): the inner optimizer state holds an array'
-          f' of shape {jnp.shape(node)} at {jax.tree_util.keystr(path)},'
-          ' outside the subtrees shaped like the params, so it cannot be run'
-          ' one leaf at a time (e.g. a masked optimizer, or one whose state'
-          ' is not kept per leaf).'
-          ' Use leafwise=False.'
+          'spd_optax: the inner optimizer state holds an array of shape'
+          f' {jnp.shape(node)} at {jax.tree_util.keystr(path)}, outside the'
+          ' subtrees shaped like the params: it cannot run one leaf at a time.'
       )
-    is_per_leaf.append(per_leaf)
   per_node_leaves = [
       params_def.flatten_up_to(node) if per_leaf else None
       for (_, node), per_leaf in zip(nodes_with_paths, is_per_leaf)
   ]
-  states = []
-  for i in range(num_leaves):
-    states.append(split_def.unflatten([
-        leaves[i] if per_leaf else node
-        for (_, node), leaves, per_leaf in zip(
-            nodes_with_paths, per_node_leaves, is_per_leaf)
-    ]))
-  return states, split_def, is_per_leaf
+  return [
+      split_def.unflatten([
+          leaves[i] if per_leaf else node
+          for (_, node), leaves, per_leaf in zip(
+              nodes_with_paths, per_node_leaves, is_per_leaf)
+      ])
+      for i in range(params_def.num_leaves)
+  ], split_def, is_per_leaf
 
 
 def merge_states(

@@ -25,7 +25,8 @@ import numpy as np
 import optax
 
 # A bool, a pytree of bools (same structure as the params, or a prefix of it),
-# or a callable that maps the params to such a pytree.
+# or a callable that maps the params to such a pytree: the type of `mask=` and
+# `stacked_layers=`. Public as spd_optax.LeafFlags.
 LeafFlags = Union[bool, Any, Callable[[optax.Params], Any]]
 
 # The attention key bias under the names used by Flax (``key/bias``, as in

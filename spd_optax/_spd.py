@@ -8,9 +8,11 @@ progress move freely.
 :func:`selective_projection_decay`, its non-selective ablation
 :func:`projection_decay` and the paper's optimizer :func:`adamspd` share one
 body, :func:`_anchored_projection`: it keeps the anchor and the diagnostics in
-an :class:`SPDState`, runs the inner optimizer (on the whole tree, or one leaf
-at a time, :mod:`spd_optax._leafwise`) and hands each selected leaf to
-:func:`spd_optax._projection.project_leaf`.
+an :class:`SPDState`, runs the inner optimizer (on the whole tree, or, for
+the Adam that :func:`adamspd` builds, one leaf at a time:
+:mod:`spd_optax._leafwise`) and hands each selected leaf to
+:func:`spd_optax._projection.project_leaf`. The algorithm, in the paper's
+notation, is the docs page :doc:`/algorithm` (docs/algorithm.rst).
 """
 
 from typing import Any, NamedTuple, Optional
@@ -106,6 +108,50 @@ def _initial_diagnostics(
   )
 
 
+def _unprojected(update: Any) -> _projection.LeafProjection:
+  """A leaf that SPD does not act on: its update, no diagnostics."""
+  return _projection.LeafProjection(
+      update, optax.MaskedNode(), optax.MaskedNode(), optax.MaskedNode())
+
+
+def _diagnostics(
+    leaves: list[_projection.LeafProjection],
+    previous: ProjectionDiagnostics,
+    treedef: Any,
+) -> ProjectionDiagnostics:
+  """This step's :class:`ProjectionDiagnostics`, counting on from ``previous``."""
+  counts = [
+      old if _masks.is_masked_node(leaf.projected)
+      else old + leaf.projected.astype(jnp.int32)
+      for leaf, old in zip(leaves, jax.tree.leaves(
+          previous.num_projected, is_leaf=_masks.is_masked_node))
+  ]
+  field = lambda name: treedef.unflatten([getattr(x, name) for x in leaves])
+  return ProjectionDiagnostics(
+      projected=field('projected'),
+      ratio=field('ratio'),
+      deviation_norm=field('deviation_norm'),
+      num_projected=treedef.unflatten(counts),
+  )
+
+
+def _refuse_leafwise(leafwise: bool, what: str) -> None:
+  """``leafwise=True`` is refused: running a user's ``inner`` one leaf at a
+  time changes its maths whenever it couples leaves, which cannot be seen."""
+  if leafwise:
+    raise ValueError(
+        f'{what}(leafwise=True): running `inner` one leaf at a time computes'
+        ' what it computes on the whole tree only when it treats every leaf'
+        ' on its own, which cannot be checked from outside: global-norm'
+        ' clipping (optax.clip_by_global_norm, also inside a chain), a mask'
+        ' computed from paths or a transformation of your own that couples'
+        ' leaves would silently give other updates. Only spd_optax.adamspd,'
+        ' whose Adam this library builds, runs leaf by leaf; clipping may go'
+        ' before it: optax.chain(optax.clip_by_global_norm(1.0),'
+        ' spd_optax.adamspd(...)). Leave leafwise=False.'
+    )
+
+
 def _anchored_projection(
     inner: optax.GradientTransformation,
     weight_decay: optax.ScalarOrSchedule,
@@ -116,20 +162,22 @@ def _anchored_projection(
     stacked_layers: Optional[_masks.LeafFlags],
     selective: bool,
     what: str,
-    leafwise: bool = False,
+    per_leaf_inner: bool = False,
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Shared body of :func:`selective_projection_decay`, its ablation and
   :func:`adamspd`.
 
-  ``learning_rate``, when given, scales the inner updates by ``-lr`` inside the
-  projection (``inner`` is then unscaled, e.g. ``optax.scale_by_adam``);
-  otherwise the scale is 1, which XLA folds away.
+  ``per_leaf_inner`` runs ``inner`` one leaf at a time: only for an ``inner``
+  this library builds and knows to treat each leaf on its own.
+  ``learning_rate``, when given, scales the inner updates by ``-lr`` inside
+  the projection (``inner`` is then unscaled, e.g. ``optax.scale_by_adam``).
   """
   _checks.check_weight_decay(weight_decay, what)
   _checks.check_anchor_spec(anchor, what)
   inner = optax.with_extra_args_support(inner)
   zero_anchor = _anchors.is_zero_anchor(anchor)
+  inner_updates = _leafwise.PerLeaf if per_leaf_inner else _leafwise.WholeTree
 
   def selected_leaves(params):
     selected = _masks.selected_leaves(mask, params)
@@ -138,91 +186,47 @@ def _anchored_projection(
 
   def init_fn(params):
     selected, stacked = selected_leaves(params)
-    stored_anchor = _anchors.init_anchor(
-        params, anchor, selected, anchor_dtype, what
-    )
-    diagnostics = _initial_diagnostics(params, selected, stacked, what)
     return SPDState(
         count=jnp.zeros([], jnp.int32),
         inner_state=inner.init(params),
-        anchor=stored_anchor,
-        diagnostics=diagnostics,
+        anchor=_anchors.init_anchor(
+            params, anchor, selected, anchor_dtype, what),
+        diagnostics=_initial_diagnostics(params, selected, stacked, what),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     _checks.check_params(params)
-    grads = updates
     lam = jnp.asarray(_scalar_or_schedule(weight_decay, state.count))
-    if learning_rate is None:
-      step_size = jnp.ones([], jnp.float32)
-    else:
-      step_size = -jnp.asarray(_scalar_or_schedule(learning_rate, state.count))
+    lr = None if learning_rate is None else jnp.asarray(
+        _scalar_or_schedule(learning_rate, state.count))
     selected, stacked = selected_leaves(params)
-    grad_leaves, treedef = jax.tree.flatten(grads)
+    grad_leaves, treedef = jax.tree.flatten(updates)
     param_leaves = jax.tree.leaves(params)
-    anchor_leaves = _anchors.anchor_leaves(state.anchor, zero_anchor,
-                                           len(param_leaves))
-    if leafwise:
-      leaf_states, split_def, per_leaf = _leafwise.split_state(
-          state.inner_state, params, what)
-      new_leaf_states = []
-    else:
-      inner_updates, inner_state = inner.update(
-          grads, state.inner_state, params, **extra_args
-      )
-      update_leaves = jax.tree.leaves(inner_updates)
-    old = [
-        jax.tree.leaves(field, is_leaf=_masks.is_masked_node)
-        for field in state.diagnostics
-    ]
-    # Chain each leaf's inputs to the previous leaf's result so that XLA:CPU
-    # finishes one leaf before it starts the next (see _leafwise). It only
-    # matters to XLA's scheduler: not when running eagerly.
-    sequence = (_leafwise.sequencing_enabled()
-                and any(isinstance(g, jax.core.Tracer) for g in grad_leaves))
-    zero = None  # Exact 0 that depends on the previous leaf (CPU only).
-    new_updates, projected, ratio, deviation, num_projected = [], [], [], [], []
+    anchors = _anchors.anchor_leaves(state.anchor, zero_anchor,
+                                     len(param_leaves))
+    inner_step = inner_updates(
+        inner, updates, state.inner_state, params, extra_args)
+    chain = _leafwise.LeafChain(grad_leaves)
+    leaves = []
     for i, (g, p, a, sel, st) in enumerate(zip(
-        grad_leaves, param_leaves, anchor_leaves, selected, stacked,
-    )):
-      link = sequence and _leafwise.worth_chaining(p)
-      link_zero = zero if link else None
-      p = _leafwise.after(p, link_zero)
-      if leafwise:
-        leaf_state = _leafwise.chain_state(
-            leaf_states[i], split_def, per_leaf, link_zero)
-        u, leaf_state = inner.update(g, leaf_state, p, **extra_args)
-        new_leaf_states.append(leaf_state)
-      else:
-        u = _leafwise.after(update_leaves[i], link_zero)
+        grad_leaves, param_leaves, anchors, selected, stacked)):
+      zero = chain.zero_for(p)
+      p = _leafwise.after(p, zero)
+      u = inner_step.leaf(i, g, p, zero)
       if not sel:
-        new_updates.append(_projection.apply_step_size(u, step_size))
-        for out in (projected, ratio, deviation, num_projected):
-          out.append(optax.MaskedNode())
+        leaves.append(_unprojected(_projection.scale_update(u, lr)))
         continue
-      u, fired, r, dev = _projection.project_leaf(g, u, p, a, lam, st, selective,
-                                       step_size)
-      if link:
-        zero = _leafwise.zero_after(r)
-      new_updates.append(u)
-      projected.append(fired)
-      ratio.append(r)
-      deviation.append(dev)
-      num_projected.append(old[3][i] + fired.astype(jnp.int32))
-    if leafwise:
-      inner_state = _leafwise.merge_states(
-          new_leaf_states, split_def, per_leaf, params)
-    diagnostics = ProjectionDiagnostics(
-        *(treedef.unflatten(x)
-          for x in (projected, ratio, deviation, num_projected))
-    )
+      leaves.append(_projection.project_leaf(
+          grad=g, update=u, param=p, anchor=a, weight_decay=lam, stacked=st,
+          selective=selective, learning_rate=lr))
+      chain.done(leaves[-1].ratio)
     new_state = SPDState(
         count=optax.safe_increment(state.count),
-        inner_state=inner_state,
+        inner_state=inner_step.new_state(),
         anchor=state.anchor,
-        diagnostics=diagnostics,
+        diagnostics=_diagnostics(leaves, state.diagnostics, treedef),
     )
-    return treedef.unflatten(new_updates), new_state
+    return treedef.unflatten([x.update for x in leaves]), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -293,14 +297,11 @@ def selective_projection_decay(
     stacked_layers: leaves whose leading axis stacks separate layers (models
       that scan over their blocks); SPD then selects and projects each slice
       along that axis on its own. Same forms as ``mask``.
-    leafwise: set when ``inner`` treats every leaf on its own (``adam``,
-      ``adamw``, ``sgd``, ``lion``, ``rmsprop``, ``adafactor``...; not
-      global-norm clipping or L-BFGS): SPD then runs ``inner`` one leaf at a
-      time, which on CPU keeps one leaf's temporaries alive instead of the
-      whole model's (about 2x faster there). Same numbers either way, to
-      float32 rounding; a state that cannot be split by leaf (``optax.masked``)
-      or that holds a random key shared by the tree (``optax.noisy_sgd``) is
-      refused with a ``ValueError`` naming the state entry.
+    leafwise: must be ``False``; ``True`` is refused with a ``ValueError``.
+      Running ``inner`` one leaf at a time (about 2x faster on CPU) changes
+      its maths whenever it couples leaves (global-norm clipping, a mask
+      computed from paths, a transformation of your own), which cannot be
+      checked from outside. :func:`adamspd` runs its own Adam leaf by leaf.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is :class:`SPDState`.
@@ -323,10 +324,11 @@ def selective_projection_decay(
     Tian, Huang, Kira, `Rethinking Weight Decay for Robust Fine-Tuning of
     Foundation Models <https://arxiv.org/abs/2411.01713>`_, NeurIPS 2024.
   """
+  _refuse_leafwise(leafwise, 'selective_projection_decay')
   return _anchored_projection(
       inner, weight_decay, anchor=anchor, mask=mask, anchor_dtype=anchor_dtype,
       stacked_layers=stacked_layers, selective=True,
-      what='selective_projection_decay', leafwise=leafwise,
+      what='selective_projection_decay',
   )
 
 
@@ -354,8 +356,7 @@ def projection_decay(
     mask: the leaves to act on.
     anchor_dtype: dtype of the stored anchors.
     stacked_layers: leaves whose leading axis stacks separate layers.
-    leafwise: run a leafwise ``inner`` one leaf at a time, as in
-      :func:`selective_projection_decay`.
+    leafwise: must be ``False``, as in :func:`selective_projection_decay`.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is :class:`SPDState`.
@@ -372,10 +373,10 @@ def projection_decay(
   References:
     Tian, Huang, Kira, NeurIPS 2024 (the ablation of the selection rule).
   """
+  _refuse_leafwise(leafwise, 'projection_decay')
   return _anchored_projection(
       inner, weight_decay, anchor=anchor, mask=mask, anchor_dtype=anchor_dtype,
       stacked_layers=stacked_layers, selective=False, what='projection_decay',
-      leafwise=leafwise,
   )
 
 
@@ -398,8 +399,8 @@ def adamspd(
 
   ``optax.adam`` wrapped by :func:`selective_projection_decay`; SPD replaces
   AdamW's decoupled decay (there is no other decay). It computes the same
-  numbers (to float32 rounding) faster: Adam runs leaf by leaf
-  (``leafwise=True``) and its learning rate is applied inside the projection,
+  numbers (to float32 rounding) faster: Adam, which treats each leaf on its
+  own, runs leaf by leaf and its learning rate is applied inside the projection,
   so the state's ``inner_state`` is that of ``optax.scale_by_adam`` and the
   learning-rate schedule reads :attr:`SPDState.count`. Gradient clipping may
   go before it, ``optax.chain(optax.clip_by_global_norm(1.0), adamspd(...))``:
@@ -446,5 +447,5 @@ def adamspd(
       ),
       weight_decay, anchor=anchor, mask=mask, anchor_dtype=anchor_dtype,
       stacked_layers=stacked_layers, selective=True, what='adamspd',
-      leafwise=True, learning_rate=learning_rate,
+      per_leaf_inner=True, learning_rate=learning_rate,
   )

@@ -148,7 +148,8 @@ def test_zero_shot_logits_match_transformers(hf_clip, tmp_path):
   with torch.no_grad():
     expected = model(**inputs, pixel_values=pixels).logits_per_image.numpy()
   np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
-  # Several templates: the ensemble of ROBUST_FT.md in float64 NumPy.
+  # Several templates: CLIP's prompt ensemble (normalise each prompt's
+  # embedding, average over templates, normalise) in float64 NumPy.
   config = _config(path, _class_file(tmp_path))
   ours = model_setup.make_model(config, nnx.Rngs(0))(jnp.asarray(images))
   prompts = [t.format(c) for c in CLASSES for t in TEMPLATES]

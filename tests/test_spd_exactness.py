@@ -93,19 +93,45 @@ def test_non_selective_matches_reference(x64):
   assert all(all(f.values()) for f in fired)
 
 
-@pytest.mark.parametrize('leafwise', [False, True])
+@pytest.mark.parametrize('anchor', ['params', 'zeros'])
+def test_adaml2sp_matches_float64_reference(x64, anchor):
+  theta0, grad_fn = _noisy_quadratic(seed=3)
+  anchor_tree = (theta0 if anchor == 'params'
+                 else {k: np.zeros_like(x) for k, x in theta0.items()})
+  expected = reference.run_adaml2sp(
+      theta0, anchor_tree, grad_fn, STEPS, lr=0.05, lam=0.5)
+  params = {k: jnp.asarray(x, jnp.float64) for k, x in theta0.items()}
+  opt = spd_optax.adaml2sp(0.05, weight_decay=0.5, anchor=anchor)
+  state, step = opt.init(params), jax.jit(opt.update)
+  for t in range(STEPS):
+    grads = grad_fn({k: np.asarray(x) for k, x in params.items()}, t)
+    updates, state = step(jax.tree.map(jnp.asarray, grads), state, params)
+    params = optax.apply_updates(params, updates)
+  for k in SHAPES:
+    np.testing.assert_allclose(np.asarray(params[k]), expected[k], rtol=1e-9,
+                               atol=1e-9, err_msg=k)
+  # The penalty matters here: plain Adam ends elsewhere.
+  plain = reference.run_adaml2sp(
+      theta0, anchor_tree, grad_fn, STEPS, lr=0.05, lam=0.0)
+  assert not np.allclose(plain['w'], expected['w'], atol=1e-3)
+
+
+@pytest.mark.parametrize('leafwise', [False, True],
+                         ids=['wrapper', 'adamspd'])
 def test_weight_decay_zero_equals_inner(leafwise):
   """lambda = 0 leaves the inner optimizer's update untouched.
 
   Wrapping the whole-tree Adam, the jitted updates are bitwise equal. Run leaf
-  by leaf (``leafwise=True``, what adamspd does), XLA may reassociate Adam's
-  divisions differently for a lone leaf than inside the whole tree, so there
-  they agree to a few float32 ulps.
+  by leaf (adamspd), XLA may reassociate Adam's divisions differently for a
+  lone leaf than inside the whole tree, so there they agree to a few float32
+  ulps.
   """
   theta0, grad_fn = _noisy_quadratic()
   params = {k: jnp.asarray(x, jnp.float32) for k, x in theta0.items()}
-  spd = spd_optax.selective_projection_decay(
-      optax.adam(0.05), weight_decay=0.0, leafwise=leafwise)
+  if leafwise:
+    spd = spd_optax.adamspd(0.05, weight_decay=0.0)
+  else:
+    spd = spd_optax.selective_projection_decay(optax.adam(0.05), 0.0)
   adam = optax.adam(0.05)
   s_spd, s_adam = spd.init(params), adam.init(params)
   p_spd = p_adam = params

@@ -1,8 +1,9 @@
-"""Running the inner optimizer leaf by leaf (``leafwise=True``, adamspd).
+"""Running the inner optimizer leaf by leaf (adamspd), and refusing it elsewhere.
 
-The leafwise path must compute what the whole-tree path computes, refuse
-optimizer states it cannot split, and (its reason to exist) keep XLA:CPU's
-temporaries to about one leaf instead of the whole model.
+adamspd's leaf-by-leaf path must compute what the whole-tree path computes
+and (its reason to exist) keep XLA:CPU's temporaries to about one leaf instead
+of the whole model. For any other inner optimizer ``leafwise=True`` is refused:
+leaf by leaf, a transformation that couples leaves computes something else.
 """
 
 import functools
@@ -15,16 +16,7 @@ import pytest
 
 import spd_optax
 from spd_optax import _leafwise
-
-INNERS = {
-    'adamw': lambda: optax.adamw(3e-2, weight_decay=0.1),
-    'sgd_momentum': lambda: optax.sgd(3e-2, momentum=0.9),
-    'lion': lambda: optax.lion(3e-3),
-    'rmsprop': lambda: optax.rmsprop(1e-2),
-    # Factored second moments are per leaf too ('w' is factored here).
-    'adafactor': lambda: optax.adafactor(1e-2, min_dim_size_to_factor=4),
-}
-
+from spd_optax import _spd
 
 def _problem(seed=0):
   """Noisy quadratic pulling every leaf away from and back to its anchor."""
@@ -53,30 +45,6 @@ def _run(opt, steps=40):
   return params, state
 
 
-@pytest.mark.parametrize('name', sorted(INNERS))
-def test_leafwise_equals_whole_tree(name):
-  make = lambda leafwise: spd_optax.selective_projection_decay(
-      INNERS[name](), 1.0, mask={'w': True, 'b': True, 'stack': True,
-                                 'scale': False},
-      stacked_layers={'w': False, 'b': False, 'stack': True, 'scale': False},
-      leafwise=leafwise)
-  p_tree, s_tree = _run(make(False))
-  p_leaf, s_leaf = _run(make(True))
-  for k in p_tree:
-    np.testing.assert_allclose(p_leaf[k], p_tree[k], rtol=1e-5, atol=1e-6,
-                               err_msg=k)
-  fired_tree = spd_optax.get_diagnostics(s_tree).num_projected
-  fired_leaf = spd_optax.get_diagnostics(s_leaf).num_projected
-  assert int(fired_tree['w']) > 0  # The projection really fires here.
-  for k in ('w', 'b', 'stack'):
-    np.testing.assert_array_equal(fired_leaf[k], fired_tree[k])
-  # Same state structure either way (checkpoints are interchangeable).
-  assert jax.tree.structure(s_leaf) == jax.tree.structure(s_tree)
-  jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-      s_leaf.inner_state, s_tree.inner_state)
-
-
 def test_adamspd_equals_wrapped_adam_and_runs_without_the_chain(monkeypatch):
   """adamspd (Adam leaf by leaf, lr applied in the projection) == the wrapper.
 
@@ -93,30 +61,70 @@ def test_adamspd_equals_wrapped_adam_and_runs_without_the_chain(monkeypatch):
                                atol=1e-6)
 
 
-def test_leafwise_refuses_states_it_cannot_split():
+def _mix_leaves():
+  """A transformation of one's own that couples leaves through no state: every
+  leaf's update is scaled by the mean |g| over the whole tree."""
+
+  def update(updates, state, params=None):
+    del params
+    mean = sum(jnp.sum(jnp.abs(u)) for u in jax.tree.leaves(updates)) / sum(
+        u.size for u in jax.tree.leaves(updates))
+    return jax.tree.map(lambda u: -0.1 * u / mean, updates), state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+COUPLED = {
+    'clip_sgd_momentum': lambda: optax.chain(
+        optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9)),
+    'mix_leaves': _mix_leaves,
+    'adam': lambda: optax.adam(0.1),  # Leafwise itself; not checkable either.
+}
+
+
+def _growing_grads(t):
+  """Gradients whose sizes differ by leaf and change with the step, so that
+  global-norm clipping clips, by a different factor at every step."""
+  return {'a': jnp.full(4, 10.0 * (t + 1)), 'b': jnp.full(4, 0.1 / (t + 1))}
+
+
+@pytest.mark.parametrize('name', sorted(COUPLED))
+@pytest.mark.parametrize('factory', [
+    spd_optax.selective_projection_decay, spd_optax.projection_decay])
+def test_leafwise_true_is_refused_naming_the_cause(name, factory):
+  with pytest.raises(ValueError, match=(
+      r'leafwise=True.*one leaf at a time.*global-norm clipping.*adamspd')):
+    factory(COUPLED[name](), weight_decay=0.0, leafwise=True)
+
+
+@pytest.mark.parametrize('name', ['clip_sgd_momentum', 'mix_leaves'])
+def test_the_per_leaf_path_would_change_the_maths(name):
+  """Why it is refused: run leaf by leaf (the path adamspd takes for its own
+  Adam), a coupling inner optimizer gives other updates than on the whole
+  tree, while leafwise=False equals the inner optimizer alone at lambda = 0,
+  step after step, as the gradients change size."""
+  make = lambda per_leaf: _spd._anchored_projection(  # pylint: disable=protected-access
+      COUPLED[name](), 0.0, anchor='params', mask=None, anchor_dtype=None,
+      stacked_layers=None, selective=True, what='test', per_leaf_inner=per_leaf)
+  params = {'a': jnp.ones(4), 'b': jnp.ones(4)}
+  alone = COUPLED[name]()
+  spd, per_leaf = make(False), make(True)
+  states = [opt.init(params) for opt in (alone, spd, per_leaf)]
+  for t in range(4):
+    out = [jax.jit(opt.update)(_growing_grads(t), s, params)
+           for opt, s in zip((alone, spd, per_leaf), states)]
+    (u_alone, _), (u_spd, _), (u_leaf, _) = out
+    states = [s for _, s in out]
+    for k in params:
+      np.testing.assert_array_equal(u_spd[k], u_alone[k])
+    assert not np.allclose(u_leaf['b'], u_alone['b'], rtol=0.1)
+
+
+def test_split_state_refuses_a_state_it_cannot_split():
   params = {'w': jnp.ones((4, 3)), 'b': jnp.ones(3)}
   masked_adam = optax.masked(optax.adam(1e-2), {'w': True, 'b': False})
-  opt = spd_optax.selective_projection_decay(masked_adam, 1.0, leafwise=True)
-  state = opt.init(params)
-  with pytest.raises(ValueError, match=r"leafwise=True.*\.mu\['w'\]"):
-    opt.update(params, state, params)
-
-
-@pytest.mark.parametrize('key', [0, jax.random.key(0)], ids=['int', 'key'])
-def test_leafwise_refuses_a_shared_random_key(key):
-  """optax.noisy_sgd keeps one key for the tree: split by leaf, every leaf
-  would draw the same noise. Refused, naming the state entry; the whole-tree
-  path still runs and draws different noise per leaf."""
-  params = {'a': jnp.ones(3), 'b': jnp.ones(3)}
-  opt = spd_optax.selective_projection_decay(
-      optax.noisy_sgd(0.1, key=key), 1.0, leafwise=True)
-  state = opt.init(params)
-  with pytest.raises(ValueError, match=r'leafwise=True.*\[0\]\.rng_key'):
-    opt.update(params, state, params)
-  whole = spd_optax.selective_projection_decay(
-      optax.noisy_sgd(0.1, key=key), 1.0)
-  updates, _ = whole.update(params, whole.init(params), params)
-  assert not np.allclose(updates['a'], updates['b'])
+  with pytest.raises(ValueError, match=r"one leaf at a time"):
+    _leafwise.split_state(masked_adam.init(params), params)
 
 
 def _compiled_temp_bytes(opt, params):

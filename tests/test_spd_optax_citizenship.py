@@ -23,8 +23,8 @@ FACTORIES = {
         lr, weight_decay=0.5, anchor='zeros'),
     'spd_sgd_momentum': lambda lr: spd_optax.selective_projection_decay(
         optax.sgd(lr, momentum=0.9), 1.0),
-    'spd_adamw_leafwise': lambda lr: spd_optax.selective_projection_decay(
-        optax.adamw(lr, weight_decay=1e-4), 1.0, leafwise=True),
+    'spd_adamw': lambda lr: spd_optax.selective_projection_decay(
+        optax.adamw(lr, weight_decay=1e-4), 1.0),
     'projection_decay': lambda lr: spd_optax.projection_decay(
         optax.adam(lr), 0.1),
     'adaml2sp': lambda lr: spd_optax.adaml2sp(lr, weight_decay=1e-3),
@@ -246,7 +246,7 @@ def test_multisteps_emits_the_update_of_the_mean_gradient(name, dtype):
   for u, pu in zip(emitted, expected):
     np.testing.assert_allclose(np.asarray(u, np.float32),
                                np.asarray(pu, np.float32), rtol=tol, atol=tol)
-  if name in ('adamspd', 'spd_sgd_momentum', 'spd_adamw_leafwise'):
+  if name in ('adamspd', 'spd_sgd_momentum', 'spd_adamw'):
     # The second emitting step projected, by a ratio r_t > 0.
     diagnostics = state.inner_opt_state.diagnostics
     assert bool(diagnostics.projected) and float(diagnostics.ratio) > 0.1
