@@ -98,13 +98,15 @@ def _init_leaf(param: Any, geometry: _Geometry):
   """(gamma, its moments, c_0 = 0, 1 / norm_0 = 0) for one selected leaf.
 
   The small entries are reductions of zeros, so that under an explicit mesh
-  they get the sharding the update gives them.
+  they get the sharding the update gives them; each is its own buffer, so
+  that a step may donate the state.
   """
   zeros = jnp.zeros_like(param, dtype=_compute_dtype(param))
   inv_norm = jnp.sum(zeros, axis=geometry.rows, keepdims=True)
   per_layer = jnp.sum(zeros, axis=geometry.layer)
   gamma = per_layer + _TINY  # The file's radius at the first step.
-  return gamma, per_layer, per_layer, jnp.zeros_like(param), inv_norm
+  return (gamma, jnp.zeros_like(per_layer), jnp.zeros_like(per_layer),
+          jnp.zeros_like(param), inv_norm)
 
 
 def _expand(x, ndim):

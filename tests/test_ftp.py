@@ -292,8 +292,10 @@ def test_set_anchor_tree_map_params_and_donation():
                                   params)
     return optax.apply_updates(params, updates), state
 
-  p, s = step(loaded, jax.jit(plain.init)(loaded))  # Fails if aliased.
-  p, s = step(p, s)
+  for init in (plain.init, jax.jit(plain.init)):
+    # Fails if the state aliases the params or holds one buffer twice.
+    p, s = step(jax.tree.map(jnp.copy, loaded), init(loaded))
+    p, s = step(p, s)
   np.testing.assert_array_equal(s.anchor['w'], jnp.full((2, 3), 5.0))
 
 
