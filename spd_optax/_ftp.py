@@ -119,10 +119,10 @@ def _project_leaf(grad, update, param, anchor, old, hyper, geometry):
   gamma, mu, nu, prev_move, prev_inv_norm = old
   k, rate, b1, b2, eps, t = hyper
   dtype = _compute_dtype(param)
-  u = update.astype(dtype)
-  move = param.astype(dtype) + u  # c_t = theta_{t-1} + u_t - theta_0.
+  deviation = param.astype(dtype)  # theta_{t-1} - theta_0.
   if anchor is not None:
-    move = move - anchor.astype(dtype)
+    deviation = deviation - anchor.astype(dtype)
+  move = deviation + update.astype(dtype)  # c_t.
   norm = jnp.sum(jnp.abs(move), axis=geometry.rows, keepdims=True) + _TINY
   # Hypergradient: <g_t, c_{t-1}> / ||c_{t-1}||_1 per row, summed per layer.
   # Zero at the first step (c_0 = 0), which leaves gamma at its floor.
@@ -138,8 +138,9 @@ def _project_leaf(grad, update, param, anchor, old, hyper, geometry):
   gamma = jnp.clip(gamma, _TINY, jnp.max(norm, axis=geometry.layer))
   inv_norm = 1 / norm
   kept = jnp.clip(_expand(gamma, param.ndim) * inv_norm, 0, 1)
-  # theta_0 + kept * c_t - theta_{t-1}, written so that kept = 1 gives u_t.
-  new_update = (u - (1 - kept) * move).astype(update.dtype)
+  # theta_0 + kept * c_t - theta_{t-1}, from the deviation rather than the
+  # weights: exact at the anchor, where kept * c_t may be far below their ulp.
+  new_update = (kept * move - deviation).astype(update.dtype)
   return new_update, (gamma, mu, nu, move.astype(prev_move.dtype), inv_norm)
 
 
@@ -237,7 +238,11 @@ def fast_trainable_projection(
       schedule of the step.
     anchor: ``'params'`` (a copy of the params at ``init``), ``'zeros'``
       (:math:`\theta_0 = 0`) or a pytree of arrays with the params' structure.
-      Reset it after loading weights with :func:`spd_optax.set_anchor`.
+      Reset it after loading weights with :func:`spd_optax.set_anchor`. The
+      first step projects every selected leaf onto the radius
+      :math:`10^{-8}` around its anchor: with ``'zeros'``, a leaf that starts
+      away from zero (LoRA's random :math:`A`) collapses onto it, so anchor
+      adapters where they start (``'params'``).
     mask: the leaves FTP acts on (pytree of bools, prefix or callable); the
       others (a new head) get the inner update untouched and store nothing.
     anchor_dtype: dtype of the stored anchors; ``None`` keeps the params'.
@@ -429,7 +434,10 @@ def ftp_diagnostics_summary(
     of :math:`\min(\gamma_t / n_{t,i}, 1)` (the share of its proposed move
     each row kept at the last step), and the fraction of rows that ended on
     the radius (:math:`\gamma_t < n_{t,i}`). Both are 0 before the first
-    step.
+    step, and when ``mask`` leaves out every leaf FTP acts on.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no :class:`FTPState`.
 
   Examples:
     >>> import jax.numpy as jnp, spd_optax
@@ -439,7 +447,10 @@ def ftp_diagnostics_summary(
     ['ftp/at_radius_fraction', 'ftp/gamma_over_norm']
   """
   states = _find_ftp_states(opt_state)
-  kept, at_radius = [], []
+  if not states:
+    raise ValueError('ftp_diagnostics_summary: the optimizer state holds no'
+                     ' FTP.')
+  kept, at_radius = [jnp.zeros([0])], [jnp.zeros([0], bool)]
   for s in states:
     leaves, treedef = jax.tree.flatten(s.prev_move,
                                        is_leaf=_masks.is_masked_node)
@@ -451,14 +462,10 @@ def ftp_diagnostics_summary(
     counted = _diagnostics._counted_leaves(treedef.unflatten(ratios), mask)  # pylint: disable=protected-access
     kept += [jnp.ravel(jnp.minimum(r, 1)) for r in counted]
     at_radius += [jnp.ravel((r < 1) & (r > 0)) for r in counted]
-  if not kept:
-    raise ValueError(
-        'ftp_diagnostics_summary: the optimizer state holds no FTP, or `mask`'
-        ' leaves out every leaf it acts on.'
-    )
+  kept, at_radius = jnp.concatenate(kept), jnp.concatenate(at_radius)
+  num_rows = jnp.maximum(kept.size, 1)  # 0 / 1 when no row is counted.
   return {
-      'ftp/gamma_over_norm': jnp.mean(jnp.concatenate(kept)).astype(
+      'ftp/gamma_over_norm': (jnp.sum(kept) / num_rows).astype(jnp.float32),
+      'ftp/at_radius_fraction': (jnp.sum(at_radius) / num_rows).astype(
           jnp.float32),
-      'ftp/at_radius_fraction': jnp.mean(
-          jnp.concatenate(at_radius).astype(jnp.float32)),
   }
