@@ -9,7 +9,8 @@ so machine noise hits them alike. Prints each optimizer's time, its ratio to
 ``optax.adamw`` and XLA's compiled memory (state bytes and temporaries).
 
 Besides ``adamspd`` it times the generic wrapper around ``optax.adam``, which
-cannot run Adam leaf by leaf: the README explains the difference.
+cannot run Adam leaf by leaf (the README explains the difference), and FTP's
+``adamftp`` (AdamW plus an anchor and the previous move).
 """
 
 import argparse
@@ -35,6 +36,7 @@ OPTIMIZERS = {
     'spd(adam)': lambda: spd_optax.selective_projection_decay(
         optax.adam(1e-4), weight_decay=1.0),
     'adaml2sp': lambda: spd_optax.adaml2sp(1e-4, weight_decay=0.1),
+    'adamftp': lambda: spd_optax.adamftp(1e-4, k=1.0),
 }
 
 

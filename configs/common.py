@@ -80,13 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.wise_ft.alphas = ()
 
   config.optimizer = ml_collections.ConfigDict()
-  # 'adam', 'adamw', 'l2sp', 'spd' or 'projection' (SPD's non-selective
-  # ablation: every layer projected at every step).
+  # 'adam', 'adamw', 'l2sp', 'spd', 'projection' (SPD's non-selective
+  # ablation: every layer projected at every step) or 'ftp' (FTP's AdamP).
   config.optimizer.name = 'spd'
   config.optimizer.learning_rate = 2e-5  # Peak of warmup + cosine.
   config.optimizer.warmup_steps = 500
   config.optimizer.weight_decay = 1.0  # lambda of SPD / L2-SP /
-  # projection, or AdamW's decay.
+  # projection, AdamW's decay, or FTP's k in [0, 1].
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8

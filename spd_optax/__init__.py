@@ -8,6 +8,10 @@ from spd_optax._anchors import set_anchor
 from spd_optax._diagnostics import diagnostics_summary
 from spd_optax._diagnostics import get_diagnostics
 from spd_optax._diagnostics import projected_fraction
+from spd_optax._ftp import adamftp
+from spd_optax._ftp import fast_trainable_projection
+from spd_optax._ftp import ftp_diagnostics_summary
+from spd_optax._ftp import FTPState
 from spd_optax._l2sp import adaml2sp
 from spd_optax._l2sp import l2sp
 from spd_optax._l2sp import L2SPState
@@ -24,15 +28,19 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AnchorSpec",
+    "FTPState",
     "KEY_BIAS_PATTERN",
     "L2SPState",
     "LeafFlags",
     "ProjectionDiagnostics",
     "SPDState",
+    "adamftp",
     "adaml2sp",
     "adamspd",
     "diagnostics_summary",
     "exclude_paths",
+    "fast_trainable_projection",
+    "ftp_diagnostics_summary",
     "get_diagnostics",
     "l2sp",
     "projected_fraction",

@@ -166,6 +166,17 @@ def test_a_batch_the_devices_cannot_split_is_refused_by_key(key):
   assert config_checks.problems(config, num_devices=4) == []
 
 
+def test_ftp_k_is_checked_in_the_unit_interval():
+  config = tiny.get_config()
+  config.optimizer.name = 'ftp'
+  config.optimizer.weight_decay = 1.5  # Fine for SPD; FTP's k is in [0, 1].
+  assert config_checks.problems(config, num_devices=1) == [
+      "config.optimizer.weight_decay=1.5: with optimizer.name=ftp it is FTP's"
+      ' k and must be in [0, 1]']
+  config.optimizer.weight_decay = 0.5
+  assert config_checks.problems(config, num_devices=1) == []
+
+
 def test_every_shipped_config_passes_the_checks():
   from configs import demo, domainnet_clip, imagenet_clip, imagenet_clip_lora  # pylint: disable=g-import-not-at-top
   for module in (tiny, demo, domainnet_clip, imagenet_clip,

@@ -28,6 +28,9 @@ FACTORIES = {
     'projection_decay': lambda lr: spd_optax.projection_decay(
         optax.adam(lr), 0.1),
     'adaml2sp': lambda lr: spd_optax.adaml2sp(lr, weight_decay=1e-3),
+    'adamftp': lambda lr: spd_optax.adamftp(lr, weight_decay=1e-4, k=0.5),
+    'ftp_sgd_momentum': lambda lr: spd_optax.fast_trainable_projection(
+        optax.sgd(lr, momentum=0.9), k=1.0),
 }
 
 
@@ -73,7 +76,7 @@ def test_extra_args_and_no_recompilation(name):
 
 
 @pytest.mark.parametrize('name', ['adamspd', 'spd_sgd_momentum', 'adaml2sp',
-                                  'adamspd_zeros'])
+                                  'adamspd_zeros', 'adamftp'])
 @pytest.mark.parametrize('target', [parabola, rosenbrock, mixed])
 def test_converges(name, target):
   # The anchor is the start: SPD must still let consistent progress through.

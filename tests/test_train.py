@@ -14,7 +14,7 @@ from train import train_modes
 from tests import trainlib
 
 CASES = [('adam', 0), ('adamw', 0), ('l2sp', 0), ('spd', 0), ('projection', 0),
-         ('spd', 4), ('adamw', 4)]
+         ('spd', 4), ('adamw', 4), ('ftp', 0), ('ftp', 4)]
 
 
 @pytest.mark.parametrize('name,lora_rank', CASES)
@@ -27,6 +27,8 @@ def test_two_real_steps_move_what_each_optimizer_trains(
   config.model.lora_rank = lora_rank
   if name == 'projection':  # lambda = 1 would pin every layer at its anchor.
     config.optimizer.weight_decay = 0.5
+  if name == 'ftp':  # k = 0: radii that only grow, so every layer moves.
+    config.optimizer.weight_decay = 0.0
   mesh = mesh_lib.make_mesh(config)
   batches = input_pipeline.train_batches(
       config.dataset, global_batch_size=config.batch_size, seed=0)
@@ -37,14 +39,18 @@ def test_two_real_steps_move_what_each_optimizer_trains(
     # The optimizer and what it trains, as the loop builds them.
     optimizer = nnx.Optimizer(model, train_modes.make_run_optimizer(config),
                               wrt=train_modes.trainable(config))
-    # The head starts at zero, so the body first gets gradients at step 2.
-    for step in range(2):
+    # The head starts at zero, so the body first gets gradients at step 2;
+    # FTP's radii start at 1e-8 and grow from step 3 on.
+    for step in range(5 if name == 'ftp' else 2):
       out = finetune.train_step(model, optimizer,
                                 mesh_lib.shard_batch(next(batches), mesh),
                                 jax.random.key(step), None)
   assert np.isfinite(out['train/loss'])
   if name == 'spd':
     assert 0.0 <= out['train/spd_projected_fraction'] <= 1.0
+  if name == 'ftp':
+    assert 0.0 < out['train/ftp_gamma_over_norm'] <= 1.0
+    assert 0.0 <= out['train/ftp_at_radius_fraction'] <= 1.0
   after = nnx.to_pure_dict(nnx.state(model))
   moved = {
       jax.tree_util.keystr(p): not np.array_equal(a, b)

@@ -211,8 +211,19 @@ def _mesh_covers_the_devices(config, num_devices) -> list[str]:
   return []
 
 
+def _ftp_k_in_unit(config, num_devices) -> list[str]:
+  """With ``optimizer.name=ftp``, ``optimizer.weight_decay`` is FTP's k."""
+  del num_devices
+  opt = config.get('optimizer', {})
+  k = opt.get('weight_decay')
+  if opt.get('name') == 'ftp' and not Range(0, 1)(k):
+    return [f'config.optimizer.weight_decay={k!r}: with optimizer.name=ftp it'
+            " is FTP's k and must be in [0, 1]"]
+  return []
+
+
 CROSS_FIELD_RULES = (_lp_ft_has_a_probe, _zero_shot_head_fits,
-                     _mesh_covers_the_devices)
+                     _mesh_covers_the_devices, _ftp_k_in_unit)
 
 
 def _field_problems(config, rules) -> list[str]:

@@ -60,8 +60,9 @@ def cross_entropy(logits: jax.Array, soft_labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy(logits, soft_labels).mean()
 
 
-def _find(tree: Any, kind: type) -> list:
-  """The states of type ``kind`` inside an optimizer state (its structure)."""
+def _find(tree: Any, kind: Any) -> list:
+  """The states of type ``kind`` (or a tuple of types) inside an optimizer
+  state (its structure)."""
   is_kind = lambda s: isinstance(s, kind)
   return [s for s in jax.tree.leaves(tree, is_leaf=is_kind) if is_kind(s)]
 
@@ -93,20 +94,25 @@ def drift_metrics(params: Any, opt_state: Any,
   """How far training has moved from the pre-trained weights, to log.
 
   SPD's own diagnostics when the optimizer has SPD; else the deviation from
-  L2-SP's anchor, or from ``start_params`` (a copy kept for Adam and AdamW);
-  nothing for a LoRA run without SPD. Decided by the state's structure, at
-  trace time. The attention key biases are left out of all of them, and a new
-  head is (unless ``optimizer.decay_head``) as it is out of SPD and L2-SP.
+  L2-SP's or FTP's anchor (and FTP's diagnostics), or from ``start_params``
+  (a copy kept for Adam and AdamW); nothing for a LoRA run without SPD or
+  FTP. Decided by the state's structure, at trace time. The attention key
+  biases are left out of all of them, and a new head is (unless
+  ``optimizer.decay_head``) as it is out of SPD, L2-SP and FTP.
   """
   if _find(opt_state, spd_optax.SPDState):
     return {k.replace('spd/', 'train/spd_'): v for k, v in
             spd_optax.diagnostics_summary(opt_state, mask=LOGGED).items()}
-  anchored = [s.anchor for s in _find(opt_state, spd_optax.L2SPState)
+  ftp = ({k.replace('ftp/', 'train/ftp_'): v for k, v in
+          spd_optax.ftp_diagnostics_summary(opt_state, mask=LOGGED).items()}
+         if _find(opt_state, spd_optax.FTPState) else {})
+  anchored = [s.anchor for s in _find(opt_state, (spd_optax.L2SPState,
+                                                   spd_optax.FTPState))
               if not isinstance(s.anchor, optax.EmptyState)]
   reference = anchored[0] if anchored else start_params
   if reference is None:
-    return {}
-  return {'train/spd_deviation_norm': deviation_norm(params, reference)}
+    return ftp
+  return {**ftp, 'train/spd_deviation_norm': deviation_norm(params, reference)}
 
 
 @functools.partial(nnx.jit, donate_argnames=('model', 'optimizer'))

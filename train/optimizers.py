@@ -11,6 +11,10 @@ clipping, so that ablations differ in one line of config:
   built from (the loaded pre-trained weights); with LoRA the anchor is zero.
 - ``projection``: the paper's ablation, SPD's projection applied to every
   layer at every step (no selection), around the same Adam.
+- ``ftp``: FTP (the same authors' trainable projection, NeurIPS 2023) around
+  Adam: ``weight_decay`` is then FTP's ``k`` in [0, 1] (1 the strongest), and
+  each output unit of a kernel is one of its rows, as in the authors' PyTorch
+  layout. It anchors at the weights it is built from, LoRA adapters too.
 
 The peak learning rate and ``weight_decay`` are injected hyperparameters
 (``optax.inject_hyperparams``): they live in the optimizer state as arrays,
@@ -18,8 +22,8 @@ so runs that differ only in them (a sweep) compile to the same program, and
 :func:`keyed_by_config` lets such runs in one process reuse one compiled step.
 
 A new head has no pre-trained weights to return to: ``decay_head=False``
-leaves it out of L2-SP and SPD (plain Adam), as the paper's code would need a
-mask for.
+leaves it out of L2-SP, SPD and FTP (plain Adam), as the paper's code would
+need a mask for.
 """
 
 import json
@@ -31,7 +35,7 @@ import optax
 
 import spd_optax
 
-METHODS = ('adam', 'adamw', 'l2sp', 'spd', 'projection')
+METHODS = ('adam', 'adamw', 'l2sp', 'spd', 'projection', 'ftp')
 
 
 def schedule_shape(warmup_steps: int, num_steps: int,
@@ -120,6 +124,14 @@ def _method(opt, schedule, weight_decay, lora: bool):
   if opt.name == 'l2sp':
     return optax.chain(spd_optax.l2sp(weight_decay, **anchored),
                        optax.adam(schedule, **adam_kwargs))
+  if opt.name == 'ftp':
+    # The authors' AdamP with their default decay (none); a Flax kernel is
+    # (..., in, out), so its output units, PyTorch's rows, are its last axis.
+    # LoRA adapters are anchored where they start too: around zero, FTP's
+    # first step (radius 1e-8) would collapse the random A onto 0.
+    return spd_optax.adamftp(schedule, k=weight_decay, row_axis='last',
+                             **{**anchored, 'anchor': 'params'},
+                             **adam_kwargs)
   if opt.name == 'projection':
     return spd_optax.projection_decay(
         optax.adam(schedule, **adam_kwargs), weight_decay, **anchored)
