@@ -78,8 +78,9 @@ def _step_peak(factory, shapes) -> tuple:
   device (params, gradients, state, temporaries), or ``(None, why not)``."""
   device = jax.devices()[0]
   before = device.memory_stats()
-  grads = optimizer_step.device_tree(shapes, 1, 1e-3)
-  optimizer_step.compiled_step(factory(), shapes, grads)  # Blocks.
+  grads = jax.device_put(optimizer_step.host_tree(shapes, 1, 1e-3))
+  optimizer_step.compiled_step(  # Blocks.
+      factory(), optimizer_step.host_tree(shapes, 0, 0.02), grads)
   after = device.memory_stats()
   if after['peak_bytes_in_use'] <= before['peak_bytes_in_use']:
     return None, 'below a peak this process reached before'

@@ -54,11 +54,11 @@ def ftp_factory() -> Optional[tuple[str, Callable[[], optax.GradientTransformati
   return None
 
 
-def device_tree(shapes, seed: int, scale: float) -> dict[str, jax.Array]:
-  """N(0, scale^2) float32 leaves of ``shapes``, on the default device
-  (drawn by NumPy: no compile, 0.3 s for ViT-L/14's 304M)."""
+def host_tree(shapes, seed: int, scale: float) -> dict[str, np.ndarray]:
+  """N(0, scale^2) float32 leaves of ``shapes``, drawn by NumPy (no compile;
+  a few seconds for ViT-L/14's 304M: draw once, put on the device often)."""
   rng = np.random.default_rng(seed)
-  return {k: jnp.asarray(scale * rng.standard_normal(s, np.float32))
+  return {k: scale * rng.standard_normal(s, np.float32)
           for k, s in shapes.items()}
 
 
@@ -70,9 +70,10 @@ def make_step(opt):
   return step
 
 
-def compiled_step(opt, shapes, grads):
-  """``(compiled step, [params, state])`` after one warm-up step."""
-  params = device_tree(shapes, 0, 0.02)
+def compiled_step(opt, host_params, grads):
+  """``(compiled step, [params, state])`` after one warm-up step, from
+  fresh device copies of ``host_params``."""
+  params = jax.device_put(host_params)
   state = jax.jit(opt.init)(params)  # One program, not one per leaf and op.
   compiled = make_step(opt).lower(params, state, grads).compile()
   carry = list(compiled(params, state, grads))
@@ -83,10 +84,11 @@ def compiled_step(opt, shapes, grads):
 def time_optimizers(shapes, factories: dict[str, Callable], repeats: int):
   """{name: median_s, state_bytes, xla (compiled memory)} of one step each,
   measured in interleaved rounds."""
-  grads = device_tree(shapes, 1, 1e-3)
+  host_params = host_tree(shapes, 0, 0.02)
+  grads = jax.device_put(host_tree(shapes, 1, 1e-3))
   calls, out = {}, {}
   for name, factory in factories.items():
-    compiled, carry = compiled_step(factory(), shapes, grads)
+    compiled, carry = compiled_step(factory(), host_params, grads)
 
     def call(compiled=compiled, carry=carry):
       carry[:] = compiled(*carry, grads)
