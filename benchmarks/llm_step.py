@@ -16,13 +16,13 @@ runs on a CPU in seconds; ``--shapes llama3_8b --dtype bfloat16 --batch 16
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
+from benchmarks.llm_shapes import SHAPES
 from configs import commonsense
 from train import optimizers
 from train.llm import families
@@ -30,46 +30,73 @@ from train.llm import mesh as mesh_lib
 from train.llm import models
 from train.llm import steps
 
-SHAPES = {
-    'smoke': dict(model_type='llama', vocab_size=512, hidden_size=64,
-                  intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2,
-                  rms_norm_eps=1e-5, rope_theta=10_000.0),
-    # meta-llama/Meta-Llama-3-8B's config.json.
-    'llama3_8b': dict(model_type='llama', vocab_size=128_256,
-                      hidden_size=4096, intermediate_size=14_336,
-                      num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, rms_norm_eps=1e-5,
-                      rope_theta=500_000.0),
-}
-
 
 def _mb(n: float) -> str:
   return f'{n / 2**20:.1f}'
 
 
-def _batch(args, vocab, mesh):
+def _batch(vocab, mesh, batch, micro_batch, seq):
   rng = np.random.default_rng(0)
-  k = args.batch // args.micro_batch
-  tokens = rng.integers(3, vocab, (k, args.micro_batch, args.seq), np.int32)
+  tokens = rng.integers(3, vocab, (batch // micro_batch, micro_batch, seq),
+                        np.int32)
   return jax.device_put({'input_ids': tokens,
                          'attention_mask': np.ones(tokens.shape, bool),
                          'loss_mask': np.ones(tokens.shape, np.int32)},
                         mesh_lib.rows_sharding(mesh, axis=1))
 
 
-def _steps(args, loaded, adapted, mesh):
-  """{optimizer: (step, [lora, opt_state])} with the recipe's optimizers."""
-  out = {}
-  for name in ('adamw', 'spd'):
-    config = commonsense.get_config(f'llama7b,{name}')
-    tx = optimizers.make_optimizer(config, lora=True)
-    lora = jax.tree.map(jnp.copy, adapted.lora.to_pure_dict())
-    step = steps.make_train_step(adapted.graphdef, tx,
-                                 dtype=families.DTYPES[args.dtype],
-                                 spd=name == 'spd')
-    out[name] = (step, [lora, steps.initial_opt_state(tx, lora)])
-  del loaded, mesh
+def _adapted(hf: dict, dtype: str):
+  """``(model with the recipe's LoRA on random weights, mesh, LoRA config)``."""
+  config = commonsense.get_config('llama7b')
+  mesh = mesh_lib.make_mesh(config)
+  loaded = models.random_init(hf, mesh=mesh, dtype=dtype)
+  lora = config.model.lora
+  adapted = models.add_lora(loaded, models.LoraSpec(
+      lora.rank, lora.alpha, lora.dropout, tuple(lora.targets)), mesh=mesh,
+                            seed=0)
+  return adapted, mesh, lora
+
+
+def _compiled_call(adapted, name: str, dtype: str, batch):
+  """A call of one LoRA step with the recipe's optimizer ``name``, compiled
+  and warmed up, and the compiled program."""
+  config = commonsense.get_config(f'llama7b,{name}')
+  tx = optimizers.make_optimizer(config, lora=True)
+  lora = jax.tree.map(jnp.copy, adapted.lora.to_pure_dict())
+  step = steps.make_train_step(adapted.graphdef, tx,
+                               dtype=families.DTYPES[dtype],
+                               spd=name == 'spd')
+  state = [lora, steps.initial_opt_state(tx, lora)]
+  compiled = step.lower(*state, adapted.base, batch,
+                        jax.random.key(0)).compile()
+
+  def call():
+    *state[:], metrics = compiled(*state, adapted.base, batch,
+                                  jax.random.key(0))
+    return metrics
+
+  jax.block_until_ready(call())
+  return call, compiled, state
+
+
+def time_lora_steps(hf: dict, *, dtype: str, batch: int, micro_batch: int,
+                    seq: int, repeats: int, names=('adamw', 'spd')) -> dict:
+  """{optimizer: median_s, state_bytes, xla}, plus 'adapter_params' and
+  'lora' (rank, targets): the LoRA step on random weights of ``hf``'s
+  shapes, interleaved rounds."""
+  adapted, mesh, lora = _adapted(hf, dtype)
+  out = {'adapter_params': sum(x.size for x in jax.tree.leaves(adapted.lora)),
+         'lora': lora}
+  calls = {}
+  with jax.set_mesh(mesh):
+    tokens = _batch(hf['vocab_size'], mesh, batch, micro_batch, seq)
+    for name in names:
+      calls[name], compiled, state = _compiled_call(adapted, name, dtype,
+                                                    tokens)
+      out[name] = dict(state_bytes=timing.tree_bytes(state[1]),
+                       xla=timing.compiled_memory(compiled))
+    for name, median in timing.interleaved(calls, repeats).items():
+      out[name]['median_s'] = median
   return out
 
 
@@ -83,44 +110,24 @@ def main():
   parser.add_argument('--seq', type=int, default=128)
   parser.add_argument('--repeats', type=int, default=10)
   args = parser.parse_args()
-  config = commonsense.get_config('llama7b')
-  mesh = mesh_lib.make_mesh(config)
-  loaded = models.random_init(SHAPES[args.shapes], mesh=mesh,
-                              dtype=args.dtype)
-  lora = config.model.lora
-  adapted = models.add_lora(loaded, models.LoraSpec(
-      lora.rank, lora.alpha, lora.dropout, tuple(lora.targets)), mesh=mesh,
-                            seed=0)
-  batch = _batch(args, SHAPES[args.shapes]['vocab_size'], mesh)
-  runs = _steps(args, loaded, adapted, mesh)
-  times = {name: [] for name in runs}
-  memory = {}
-  with jax.set_mesh(mesh):
-    for name, (step, state) in runs.items():
-      compiled = step.lower(*state, adapted.base, batch,
-                            jax.random.key(0)).compile()
-      memory[name] = (sum(x.nbytes for x in jax.tree.leaves(state[1])),
-                      compiled.memory_analysis().temp_size_in_bytes)
-    for r in range(args.repeats + 1):  # Round 0 compiles and warms up.
-      for name, (step, state) in runs.items():
-        start = time.perf_counter()
-        *state[:], out = step(*state, adapted.base, batch, jax.random.key(r))
-        jax.block_until_ready(out)
-        if r:
-          times[name].append(time.perf_counter() - start)
-  adapters = sum(x.size for x in jax.tree.leaves(adapted.lora))
+  out = time_lora_steps(SHAPES[args.shapes], dtype=args.dtype,
+                        batch=args.batch, micro_batch=args.micro_batch,
+                        seq=args.seq, repeats=args.repeats)
+  lora = out['lora']
   print(f'{args.shapes} ({args.dtype}), LoRA r{lora.rank} on'
-        f' {"/".join(lora.targets)}: {adapters / 1e6:.2f}M adapter params;'
-        f' batch {args.batch} (micro {args.micro_batch}) x {args.seq} tokens;'
-        f' {jax.device_count()} {jax.devices()[0].platform} device(s)')
+        f' {"/".join(lora.targets)}: {out["adapter_params"] / 1e6:.2f}M'
+        f' adapter params; batch {args.batch} (micro {args.micro_batch}) x'
+        f' {args.seq} tokens; {jax.device_count()}'
+        f' {jax.devices()[0].platform} device(s)')
   print('| optimizer | median ms | x adamw | optimizer state MB |'
         ' XLA temporaries MB |')
   print('| --- | --- | --- | --- | --- |')
-  base = statistics.median(times['adamw'])
-  for name, t in times.items():
-    median = statistics.median(t)
-    print(f'| {name} | {1e3 * median:.1f} | {median / base:.2f} |'
-          f' {_mb(memory[name][0])} | {_mb(memory[name][1])} |')
+  base = out['adamw']['median_s']
+  for name in ('adamw', 'spd'):
+    r = out[name]
+    print(f'| {name} | {1e3 * r["median_s"]:.1f} |'
+          f' {r["median_s"] / base:.2f} | {_mb(r["state_bytes"])} |'
+          f' {_mb(r["xla"]["temp"])} |')
 
 
 if __name__ == '__main__':

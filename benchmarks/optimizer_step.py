@@ -15,8 +15,7 @@ cannot run Adam leaf by leaf (the README explains the difference), and FTP's
 
 import argparse
 import functools
-import statistics
-import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,8 @@ import numpy as np
 import optax
 
 import spd_optax
-from benchmarks.vit_shapes import num_params, vit_b16_shapes
+from benchmarks import timing
+from benchmarks.vit_shapes import num_params, shrink, vit_b16_shapes
 
 OPTIMIZERS = {
     'adamw': lambda: optax.adamw(1e-4, weight_decay=0.1),
@@ -32,6 +32,9 @@ OPTIMIZERS = {
     'adamspd': lambda: spd_optax.adamspd(1e-4, weight_decay=1.0),
     'adamspd_bf16_anchor': lambda: spd_optax.adamspd(
         1e-4, weight_decay=1.0, anchor_dtype=jnp.bfloat16),
+    # LoRA's anchor (the recipe's): nothing stored, SPD decays towards 0.
+    'adamspd_zero_anchor': lambda: spd_optax.adamspd(
+        1e-4, weight_decay=1.0, anchor='zeros'),
     # The generic wrapper around a whole-tree optimizer.
     'spd(adam)': lambda: spd_optax.selective_projection_decay(
         optax.adam(1e-4), weight_decay=1.0),
@@ -40,8 +43,12 @@ OPTIMIZERS = {
 }
 
 
-def _tree_bytes(tree) -> int:
-  return sum(x.nbytes for x in jax.tree.leaves(tree))
+def host_tree(shapes, seed: int, scale: float) -> dict[str, np.ndarray]:
+  """N(0, scale^2) float32 leaves of ``shapes``, drawn by NumPy (no compile;
+  a few seconds for ViT-L/14's 304M: draw once, put on the device often)."""
+  rng = np.random.default_rng(seed)
+  return {k: scale * rng.standard_normal(s, np.float32)
+          for k, s in shapes.items()}
 
 
 def make_step(opt):
@@ -50,6 +57,37 @@ def make_step(opt):
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
   return step
+
+
+def compiled_step(opt, host_params, grads):
+  """``(compiled step, [params, state])`` after one warm-up step, from
+  fresh device copies of ``host_params``."""
+  params = jax.device_put(host_params)
+  state = jax.jit(opt.init)(params)  # One program, not one per leaf and op.
+  compiled = make_step(opt).lower(params, state, grads).compile()
+  carry = list(compiled(params, state, grads))
+  jax.block_until_ready(carry)
+  return compiled, carry
+
+
+def time_optimizers(shapes, factories: dict[str, Callable], repeats: int):
+  """{name: median_s, state_bytes, xla (compiled memory)} of one step each,
+  measured in interleaved rounds."""
+  host_params = host_tree(shapes, 0, 0.02)
+  grads = jax.device_put(host_tree(shapes, 1, 1e-3))
+  calls, out = {}, {}
+  for name, factory in factories.items():
+    compiled, carry = compiled_step(factory(), host_params, grads)
+
+    def call(compiled=compiled, carry=carry):
+      carry[:] = compiled(*carry, grads)
+      return carry[0]
+    calls[name] = call
+    out[name] = dict(state_bytes=timing.tree_bytes(carry[1]),
+                     xla=timing.compiled_memory(compiled))
+  for name, median in timing.interleaved(calls, repeats).items():
+    out[name]['median_s'] = median
+  return out
 
 
 def main():
@@ -62,49 +100,22 @@ def main():
 
   shapes = vit_b16_shapes()
   if args.small:
-    shapes = {k: tuple(max(1, s // 4) for s in v) for k, v in shapes.items()}
-  rng = np.random.default_rng(0)
-  host = {k: rng.normal(size=s).astype(np.float32) * 0.02
-          for k, s in shapes.items()}
-  grads = {k: jnp.asarray(rng.normal(size=s).astype(np.float32) * 1e-3)
-           for k, s in shapes.items()}
+    shapes = shrink(shapes, 4)
   names = args.only or list(OPTIMIZERS)
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}, '
         f'{len(shapes)} tensors, {num_params(shapes) / 1e6:.1f}M float32 params')
-
-  runs = {}
-  for name in names:
-    opt = OPTIMIZERS[name]()
-    params = jax.tree.map(jnp.asarray, host)
-    state = opt.init(params)
-    step = make_step(opt)
-    compiled = step.lower(params, state, grads).compile()
-    memory = compiled.memory_analysis()
-    params, state = step(params, state, grads)  # Warm-up (compiles).
-    jax.block_until_ready(params)
-    runs[name] = dict(step=step, params=params, state=state, times=[],
-                      state_bytes=_tree_bytes(state),
-                      temp_bytes=getattr(memory, 'temp_size_in_bytes', -1))
-
-  for _ in range(args.repeats):  # Interleaved rounds.
-    for name in names:
-      r = runs[name]
-      start = time.perf_counter()
-      r['params'], r['state'] = r['step'](r['params'], r['state'], grads)
-      jax.block_until_ready(r['params'])
-      r['times'].append(time.perf_counter() - start)
-
-  base = statistics.median(runs['adamw']['times']) if 'adamw' in runs else None
-  param_bytes = _tree_bytes(host)
+  runs = time_optimizers(shapes, {n: OPTIMIZERS[n] for n in names},
+                         args.repeats)
+  base = runs['adamw']['median_s'] if 'adamw' in runs else None
+  param_bytes = 4 * num_params(shapes)
   print(f'{"optimizer":<22}{"median ms":>10}{"x adamw":>9}'
         f'{"state / params":>16}{"XLA temp MB":>13}')
-  for name in names:
-    r = runs[name]
-    med = statistics.median(r['times'])
+  for name, r in runs.items():
+    med = r['median_s']
     ratio = f'{med / base:.2f}' if base else '-'
+    temp = r['xla']['temp'] if r['xla'] else -1
     print(f'{name:<22}{med * 1e3:>10.1f}{ratio:>9}'
-          f'{r["state_bytes"] / param_bytes:>16.2f}'
-          f'{r["temp_bytes"] / 2**20:>13.1f}')
+          f'{r["state_bytes"] / param_bytes:>16.2f}{temp / 2**20:>13.1f}')
 
 
 if __name__ == '__main__':
