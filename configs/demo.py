@@ -40,8 +40,8 @@ each part, and only those:
 **The protocol, the paper's.** The paper fixes one learning rate for every
 method and tunes only each regulariser's strength on ID validation. So the
 demo first sweeps the learning rate of vanilla fine-tuning (AdamW) and of
-LoRA, picks each on validation (mean over seeds), then runs L2-SP, Adam-SPD
-and the non-selective projection at AdamW's picked rate, and LoRA+SPD at
+LoRA, picks each on validation (mean over seeds), then runs L2-SP, Adam-SPD,
+the non-selective projection and FTP at AdamW's picked rate, and LoRA+SPD at
 LoRA's (``lr_of``), each over its strength. The linear probe and LP-FT sweep
 their own learning rates; WiSE-FT interpolates the LP-FT runs picked on
 validation. ``:full_grid`` instead runs each regulariser over every learning
@@ -52,11 +52,19 @@ the verdicts under both protocols from that one grid.
 little to one that costs ID accuracy (measured at AdamW's picked rate, one
 seed: SPD at lambda 10 loses about 10 ID points, L2-SP and the projection at
 lambda 1 about 10 and 16): SPD and LoRA+SPD lambda 0.1 .. 10, L2-SP 0.01 ..
-10, the projection 0.03 .. 1. The learning rates span 1e-4 .. 1e-2 for AdamW
+10, the projection 0.03 .. 1. FTP's k is no decay rate but a factor in
+[0, 1] on the positive part of its radius's hypergradient (the part that
+shrinks the radius; 1, the authors' default, the strongest), so its grid is
+that whole range in equal steps, 0, 0.25, .., 1, chosen before any FTP run;
+FTP's own rate (mu = 1e-2) is the authors' and is not tuned. In this regime's
+60 steps the radius, starting at 1e-8, can grow by at most about mu per step,
+so even k = 0 projects: the diagnostics say how much. The learning rates span 1e-4 .. 1e-2 for AdamW
 and LP-FT, so that a pick at the edge of a grid is visible. Nothing was tuned
 to make a method win, and every number is reported, with SPD's diagnostics
 (fire rate, mean projection ratio over training, deviation from the
-pre-trained weights; the attention key biases left out) beside each run.
+pre-trained weights; the attention key biases left out) and FTP's (the mean
+over training of the share of its move each row kept, gamma / norm, and of
+the fraction of rows at the radius) beside each run.
 The demo prints whether the regime holds (a linear probe at least 5 points
 below vanilla fine-tuning on ID) on its own measurements.
 
@@ -180,6 +188,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   lrs = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
   lora_lrs = (1e-3, 3e-3, 1e-2, 3e-2)
   spd_lambdas = (0.1, 0.3, 1.0, 3.0, 10.0)
+  ftp_ks = (0.0, 0.25, 0.5, 0.75, 1.0)  # k's whole range (module docstring).
   vanilla, lora = 'FT (AdamW)', 'LoRA'
   methods = {
       'LP': _method({'train_mode': 'linear_probe', 'optimizer.name': 'adam'},
@@ -199,19 +208,23 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                     'optimizer.learning_rate', lora_lrs),
       'LoRA+SPD': _method({'optimizer.name': 'spd', 'model.lora_rank': 8},
                           'optimizer.weight_decay', spd_lambdas, lr_of=lora),
+      # Last, so that every other method keeps its place (and colour).
+      'FTP': _method({'optimizer.name': 'ftp'}, 'optimizer.weight_decay',
+                     ftp_ks, lr_of=vanilla),
   }
   if arg == 'full_grid':  # Every regulariser at every rate of its reference.
     for spec in methods.values():
       if spec.lr_of:
         spec.lr_grid = methods[spec.lr_of].grid
-  if smoke:  # The regime's two methods, SPD, LP-FT and WiSE-FT; CI time.
+  if smoke:  # The regime's two methods, SPD, LP-FT, WiSE-FT, FTP; CI time.
     methods = {k: methods[k] for k in ('LP', vanilla, 'SPD', 'LP-FT',
-                                       'WiSE-FT')}
+                                       'WiSE-FT', 'FTP')}
     methods['LP']['grid'] = (3e-2,)
     methods[vanilla]['grid'] = (1e-3, 3e-3)
     methods['SPD']['grid'] = (1.0,)
     methods['LP-FT']['grid'] = (1e-3,)
     methods['WiSE-FT']['grid'] = (0.0, 0.5, 1.0)
+    methods['FTP']['grid'] = (1.0,)
   config.method_order = tuple(methods)
   config.methods = ml_collections.ConfigDict(methods)
   return config

@@ -1,5 +1,8 @@
 """train.analysis on hand-made numbers: picking, dominance, the shared rate."""
 
+import json
+import re
+
 import ml_collections
 import numpy as np
 import pytest
@@ -69,7 +72,8 @@ def test_dominance_by_hand_on_each_axis():
 
 def _demo_config():
   methods = {'FT': {'lr_of': '', 'lr_grid': ()},
-             'SPD': {'lr_of': 'FT', 'lr_grid': ()}}
+             'SPD': {'lr_of': 'FT', 'lr_grid': ()},
+             'FTP': {'lr_of': 'FT', 'lr_grid': ()}}
   return ml_collections.ConfigDict({
       'shifts': NEAR, 'far_shifts': FAR, 'seeds': (0, 1),
       'linear_probe': 'LP', 'vanilla': 'FT', 'min_id_gap': 0.05,
@@ -95,9 +99,18 @@ def _curves():
   }
 
 
+def _with_ftp(curves):
+  """``curves`` and FTP at FT's rate, one k (0.5), with its diagnostics."""
+  return {**curves, 'FTP': _curve(
+      {0.5: [_result(0.91, 0.81, 0.45, 0.45, 0.32)] * 2},
+      keys=('optimizer.weight_decay',), on={'optimizer.learning_rate': 3e-3},
+      diagnostics={0.5: [{'gamma_over_norm': 0.123, 'at_radius_fraction': 0.9,
+                          'deviation_norm': 1.5}] * 2})}
+
+
 def test_summary_rows_the_regime_and_the_words_on_hand_made_numbers():
   config = _demo_config()
-  summary = analysis.summarize(config, _curves())
+  summary = analysis.summarize(config, _with_ftp(_curves()))
   ft, spd = summary['methods']['FT'], summary['methods']['SPD']
   assert ft['picked'] == {'optimizer.learning_rate': 3e-3}
   assert ft['id_accuracy'] == [0.8, 0.8] and ft['val_accuracy'] == [0.9, 0.9]
@@ -114,20 +127,53 @@ def test_summary_rows_the_regime_and_the_words_on_hand_made_numbers():
   # lambda 1 (0.82, 0.50); FT's 1e-4 point by nothing of SPD's (0.50 and
   # 0.40 < 0.55). Far: SPD's (0.82, 0.35) covers both of FT's (0.30), not
   # LP's (0.70, 0.40).
+  assert summary['methods']['FTP']['diagnostics'] == {
+      'gamma_over_norm': [0.123] * 2, 'at_radius_fraction': [0.9] * 2,
+      'deviation_norm': [1.5] * 2}
+  # FTP's (0.81, 0.45 near, 0.32 far) is covered by SPD's lambda 1 (0.82,
+  # 0.50, 0.35); on far it covers both of FT's points (0.30), on near not
+  # FT's 1e-4 one (0.72, 0.55).
   assert {m: s['dominated_by'] for m, s in summary['methods'].items()} == {
       'LP': {'near': ['FT', 'SPD'], 'far': []},
-      'FT': {'near': [], 'far': ['SPD']},
-      'SPD': {'near': [], 'far': []}}
+      'FT': {'near': [], 'far': ['SPD', 'FTP']},
+      'SPD': {'near': [], 'far': []},
+      'FTP': {'near': ['SPD'], 'far': ['SPD']}}
   config.min_id_gap = 0.2
-  words = analysis.verdict(config, analysis.summarize(config, _curves()))
+  words = analysis.verdict(config, analysis.summarize(config,
+                                                      _with_ftp(_curves())))
   assert 'DOES NOT HOLD' in words
   assert ('SPD (weight_decay=1, learning_rate=0.003) against FT: ID 82.0 vs'
           ' 80.0, near 50.0 vs 40.0, far 35.0 vs 30.0.') in words
   assert 'Not dominated on ID and far OOD: LP, SPD.' in words
   text = analysis.table(summary)
   assert 'learning_rate=0.003' in text and '80.0 ± 0.0' in text
+  assert ('FTP (weight_decay=0.5, learning_rate=0.003) against FT: ID 81.0'
+          ' vs 80.0, near 45.0 vs 40.0, far 32.0 vs 30.0.') in words
   diag = analysis.diagnostics_table(summary)
   assert '50.0 ± 0.0' in diag and '8.00 ± 0.00' in diag
+  ftp_row = next(line for line in diag.splitlines() if line.startswith('FTP '))
+  assert re.split(r'\s{2,}', ftp_row)[2:] == [
+      '-', '-', '12.3 ± 0.0', '90.0 ± 0.0', '1.50 ± 0.00']
+
+
+def test_a_runs_diagnostics_are_read_from_its_logged_metrics(tmp_path):
+  # SPD's fire rate and the deviation from their last logged row, the ratio
+  # and FTP's two from the mean over the logged rows; eval rows ignored.
+  rows = [{'train/loss': 1.0, 'train/spd_mean_ratio': 0.1,
+           'train/ftp_gamma_over_norm': 0.2,
+           'train/ftp_at_radius_fraction': 1.0},
+          {'train/loss': 0.5, 'train/spd_mean_ratio': 0.3,
+           'train/spd_fire_rate': 0.4, 'train/spd_deviation_norm': 2.0,
+           'train/ftp_gamma_over_norm': 0.4,
+           'train/ftp_at_radius_fraction': 0.5},
+          {'eval/val_accuracy': 0.9}]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.write('\n'.join(json.dumps(r) for r in rows) + '\n')
+  assert comparison._diagnostics(str(tmp_path)) == {
+      'fire_rate': 0.4, 'mean_ratio': pytest.approx(0.2),
+      'gamma_over_norm': pytest.approx(0.3), 'at_radius_fraction': 0.75,
+      'deviation_norm': 2.0}
+  assert set(comparison.DIAGNOSTIC_METRICS) == set(analysis.DIAGNOSTICS)
 
 
 def test_the_shared_rate_is_read_from_a_whole_grid():

@@ -90,19 +90,34 @@ def test_demo_end_to_end_in_the_papers_regime(finished_demo, counting):
     assert len(s['curve']) == len(config.methods[method].grid)
   # The paper's protocol: SPD ran at the learning rate AdamW picked on
   # validation, and its runs' own configs say so.
+  # So did FTP, over k.
   ft_rate = methods[config.vanilla]['picked']['optimizer.learning_rate']
-  assert methods['SPD']['picked']['optimizer.learning_rate'] == ft_rate
-  for q in methods['SPD']['curve']:
-    assert q['setting']['optimizer.learning_rate'] == ft_rate
-  spd_runs = [d for d in os.listdir(workdir / 'runs') if d.startswith('SPD_')]
-  assert len(spd_runs) == len(config.seeds) * len(config.methods.SPD.grid)
-  for run in spd_runs:
-    with open(workdir / 'runs' / run / 'config.json') as f:
-      assert json.load(f)['optimizer']['learning_rate'] == ft_rate
-  # SPD's diagnostics, over training, recorded beside its accuracies.
+  for method in ('SPD', 'FTP'):
+    assert methods[method]['picked']['optimizer.learning_rate'] == ft_rate
+    for q in methods[method]['curve']:
+      assert q['setting']['optimizer.learning_rate'] == ft_rate
+    runs = [d for d in os.listdir(workdir / 'runs')
+            if d.startswith(f'{method}_')]
+    assert len(runs) == len(config.seeds) * len(config.methods[method].grid)
+    for run in runs:
+      with open(workdir / 'runs' / run / 'config.json') as f:
+        c = json.load(f)['optimizer']
+      assert c['learning_rate'] == ft_rate
+      assert c['name'] == method.lower()
+  # SPD's and FTP's diagnostics, over training, recorded beside their
+  # accuracies, and each method's own only.
   diag = methods['SPD']['diagnostics']
+  assert set(diag) == {'fire_rate', 'mean_ratio', 'deviation_norm'}
   assert 0 < np.mean(diag['fire_rate']) < 1 and np.mean(diag['mean_ratio']) > 0
+  diag = methods['FTP']['diagnostics']
+  assert set(diag) == {'gamma_over_norm', 'at_radius_fraction',
+                       'deviation_norm'}
+  assert 0 < np.mean(diag['gamma_over_norm']) <= 1
+  assert 0 <= np.mean(diag['at_radius_fraction']) <= 1
+  assert np.mean(diag['deviation_norm']) > 0
   assert set(methods[config.vanilla]['diagnostics']) == {'deviation_norm'}
+  assert 'FTP (weight_decay=1, learning_rate=' in analysis.verdict(config,
+                                                                   summary)
   # The regime, measured: a linear probe well below fine-tuning on ID.
   lp, ft = methods[config.linear_probe], methods[config.vanilla]
   gap = np.mean(ft['id_accuracy']) - np.mean(lp['id_accuracy'])

@@ -43,7 +43,17 @@ matplotlib.use('Agg')  # Figures are saved, never shown.
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 AXES = {'near': 'near OOD', 'far': 'far OOD'}
-DIAGNOSTICS = ('fire_rate', 'mean_ratio', 'deviation_norm')
+# A run's diagnostics, as ``train.comparison`` reads them from its metrics,
+# and their columns in :func:`diagnostics_table`: (name, header, scale,
+# digits). Any may be missing from a run (e.g. FTP's without FTP).
+DIAGNOSTIC_COLUMNS = (
+    ('fire_rate', 'SPD fire rate %', 100, 1),
+    ('mean_ratio', 'SPD mean r_t %', 100, 2),
+    ('gamma_over_norm', 'FTP mean gamma/norm %', 100, 1),
+    ('at_radius_fraction', 'FTP mean at radius %', 100, 1),
+    ('deviation_norm', '||theta - theta_0||', 1, 2),
+)
+DIAGNOSTICS = tuple(c[0] for c in DIAGNOSTIC_COLUMNS)
 
 
 def mean_over(result: Mapping[str, float], sets: Sequence[str]) -> float:
@@ -61,8 +71,8 @@ def points(per_setting: Mapping[Any, Sequence[Mapping[str, float]]],
     per_setting: per setting, the results of its runs (one per seed), each
       ``{'eval/<set>_accuracy': ...}``.
     near: the near-OOD sets, whose mean is ``near``; ``far`` likewise.
-    diagnostics: per setting, each run's ``{'fire_rate', 'mean_ratio',
-      'deviation_norm'}`` (any may be missing, e.g. without SPD); lists of
+    diagnostics: per setting, each run's ``{name: value}`` for names of
+      ``DIAGNOSTICS`` (any may be missing, e.g. without SPD); lists of
       those per seed go in the point's ``diagnostics`` (None when absent).
   """
   out = {}
@@ -208,15 +218,11 @@ def diagnostics_table(summary: Mapping[str, Any]) -> str:
   rows = []
   for method, s in summary['methods'].items():
     d = s['diagnostics'] or {}
-    rows.append([method, _setting(s['picked']),
-                 _mean_std(d['fire_rate']) if 'fire_rate' in d else '-',
-                 _mean_std(d['mean_ratio'], digits=2) if 'mean_ratio' in d
-                 else '-',
-                 _mean_std(d['deviation_norm'], 1, 2)
-                 if 'deviation_norm' in d else '-'])
+    rows.append([method, _setting(s['picked'])] + [
+        _mean_std(d[name], scale, digits) if name in d else '-'
+        for name, _, scale, digits in DIAGNOSTIC_COLUMNS])
   return metrics_lib.format_table(
-      rows, ['method', 'picked', 'SPD fire rate %', 'SPD mean r_t %',
-             '||theta - theta_0||'])
+      rows, ['method', 'picked'] + [c[1] for c in DIAGNOSTIC_COLUMNS])
 
 
 def _versus(summary, a: str, b: str) -> str:

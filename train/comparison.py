@@ -113,24 +113,39 @@ def _reused_record(run_dir: str, c: ml_collections.ConfigDict,
   return None
 
 
+# A run's diagnostics (``analysis.DIAGNOSTICS``): per name, the metric
+# ``train.finetune`` logs and how its logged values become one number:
+# 'last' (a whole-run or end-of-run value) or 'mean' (over the logged steps:
+# the last step's lr is ~0). A run has those its optimizer logs.
+DIAGNOSTIC_METRICS = {
+    'fire_rate': ('train/spd_fire_rate', 'last'),
+    'mean_ratio': ('train/spd_mean_ratio', 'mean'),
+    'gamma_over_norm': ('train/ftp_gamma_over_norm', 'mean'),
+    'at_radius_fraction': ('train/ftp_at_radius_fraction', 'mean'),
+    'deviation_norm': ('train/spd_deviation_norm', 'last'),
+}
+
+
 def _diagnostics(run_dir: str) -> dict[str, float]:
   """What a finished run's metrics say of its drift (``train.finetune``).
 
-  SPD's fire rate (of the whole run) and mean projection ratio (the mean
-  over the logged steps: the last step's lr is ~0), and the deviation from
-  the pre-trained weights at the end; each when the run logs it.
+  SPD's fire rate (of the whole run) and mean projection ratio, FTP's mean
+  share of its move kept and mean fraction of rows at its radius (means over
+  the logged steps), and the deviation from the pre-trained weights at the
+  end (``DIAGNOSTIC_METRICS``); each when the run logs it.
   """
   rows = [r for r in metrics_lib.read_jsonl(os.path.join(run_dir,
                                                          'metrics.jsonl'))
           if 'train/loss' in r]
   out = {}
-  for name in ('fire_rate', 'deviation_norm'):
-    if f'train/spd_{name}' in rows[-1]:
-      out[name] = rows[-1][f'train/spd_{name}']
-  ratios = [r['train/spd_mean_ratio'] for r in rows
-            if 'train/spd_mean_ratio' in r]
-  if ratios:
-    out['mean_ratio'] = float(np.mean(ratios))
+  for name, (key, how) in DIAGNOSTIC_METRICS.items():
+    if how == 'last':
+      if key in rows[-1]:
+        out[name] = rows[-1][key]
+    else:
+      values = [r[key] for r in rows if key in r]
+      if values:
+        out[name] = float(np.mean(values))
   return out
 
 
