@@ -1,12 +1,12 @@
-"""train.analysis on hand-made numbers: picking, dominance, the shared rate."""
+"""train.demo.analysis on hand-made numbers: picking, dominance, the shared rate."""
 
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from train import analysis
-from train import comparison
+from train.demo import analysis
+from train.demo import comparison
 
 NEAR, FAR = ('n0', 'n1'), ('f0',)
 

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from train import checkpoints
-from train import evaluation
-from train import finetune
-from train import input_pipeline
-from train import mesh as mesh_lib
-from train import model_setup
-from train import train_modes
-from train import weight_ensembles
+from train.core import checkpoints
+from train.vision import evaluation
+from train.vision import finetune
+from train.vision import input_pipeline
+from train.vision import mesh as mesh_lib
+from train.vision import model_setup
+from train.vision import train_modes
+from train.vision import wise_ft
 from tests import trainlib
 from tests.test_reliability import _wait_for_step
 
@@ -64,7 +64,7 @@ def _initial_model(config) -> dict[str, np.ndarray]:
 
 
 def _start_file(workdir, config) -> dict[str, np.ndarray]:
-  return _flat(weight_ensembles.load_start_model(workdir, _pure_model(config)))
+  return _flat(wise_ft.load_start_model(workdir, _pure_model(config)))
 
 
 def _step_model(workdir, step) -> dict[str, np.ndarray]:
@@ -136,7 +136,7 @@ def test_wise_ft_endpoints_and_midpoint(digits_data_dir, tmp_path):
   # alpha = 0.5: the elementwise mean, from float64.
   start = _initial_model(config)
   tuned = _step_model(workdir, config.num_train_steps)
-  mixed = _flat(weight_ensembles.interpolate(start, tuned, 0.5))
+  mixed = _flat(wise_ft.interpolate(start, tuned, 0.5))
   for k in start:
     mean = ((start[k].astype(np.float64) + tuned[k]) / 2).astype(np.float32)
     assert mixed[k].dtype == np.float32
@@ -144,11 +144,11 @@ def test_wise_ft_endpoints_and_midpoint(digits_data_dir, tmp_path):
   assert any(not np.array_equal(start[k], tuned[k]) for k in start)
   # The command on the finished workdir gives the same numbers.
   proc = subprocess.run(
-      [sys.executable, '-m', 'train.wise_ft', f'--workdir={workdir}',
+      [sys.executable, '-m', 'train.vision.wise_ft_main', f'--workdir={workdir}',
        '--alphas=0,1'], env=trainlib.env_with_devices(1), cwd=trainlib.REPO,
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(os.path.join(workdir, weight_ensembles.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, wise_ft.RESULTS_FILE)) as f:
     by_alpha = json.load(f)
   assert set(by_alpha) == {'0.0', '1.0'}
   for k in sets:
@@ -158,14 +158,14 @@ def test_wise_ft_endpoints_and_midpoint(digits_data_dir, tmp_path):
 
 def test_interpolate_refuses_mismatched_models():
   with pytest.raises(ValueError, match=r"\['w'\] has shape"):
-    weight_ensembles.interpolate({'w': np.zeros(2)}, {'w': np.zeros(3)}, 0.5)
+    wise_ft.interpolate({'w': np.zeros(2)}, {'w': np.zeros(3)}, 0.5)
   with pytest.raises(ValueError, match='non-float'):
-    weight_ensembles.interpolate({'n': np.int32(1)}, {'n': np.int32(2)}, 0.5)
+    wise_ft.interpolate({'n': np.int32(1)}, {'n': np.int32(2)}, 0.5)
 
 
 def test_wise_ft_without_a_start_model_says_so(tmp_path):
   with pytest.raises(FileNotFoundError, match='starting model'):
-    weight_ensembles.load_start_model(str(tmp_path), {'w': np.zeros(1)})
+    wise_ft.load_start_model(str(tmp_path), {'w': np.zeros(1)})
 
 
 # Slow enough steps (an evaluation each) to be killed in the middle of
@@ -230,7 +230,7 @@ def test_a_missing_set_is_prepared_only_when_the_config_allows(tmp_path,
   dataset.tfds_module = 'no_such_module_xyz'
   with pytest.raises(ValueError, match='tfds_module'):
     input_pipeline.source('digits_domains/invert', 'test', dataset)
-  dataset.tfds_module = 'train.digits_domains'
+  dataset.tfds_module = 'train.demo.digits_domains'
   dataset.prepare = True
   assert len(input_pipeline.source('digits_domains/invert', 'test',
                                    dataset)) == 400

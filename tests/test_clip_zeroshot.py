@@ -22,15 +22,15 @@ from tokenizers import pre_tokenizers
 
 from configs import common
 from configs import tiny
-from train import clip_text
-from train import config_checks
-from train import evaluation
-from train import finetune
-from train import metrics
-from train import model_setup
-from train import weight_ensembles
-from train import weights
-from train import zeroshot_head
+from train.vision import clip_text
+from train.core import config_checks
+from train.vision import evaluation
+from train.vision import finetune
+from train.core import metrics
+from train.vision import model_setup
+from train.vision import wise_ft
+from train.vision import pretrained
+from train.vision import zeroshot
 from tests import trainlib
 from tests.test_models_and_weights import _images, _randomize
 
@@ -117,7 +117,7 @@ def test_text_features_match_transformers_with_and_without_projection(
     hf_clip):
   model, hf_tokenizer, path = hf_clip
   tokenizer = clip_text.Tokenizer(path)
-  tower, logit_scale = weights.load_text_tower(
+  tower, logit_scale = pretrained.load_text_tower(
       path, eot_token_id=tokenizer.eot_token_id)
   texts = [t.format(c) for c in CLASSES[:4] for t in TEMPLATES]
   texts.append(' '.join(CLASSES) + ' ' + ' '.join(CLASSES))  # Truncated.
@@ -170,7 +170,7 @@ def test_zero_shot_logits_match_transformers(hf_clip, tmp_path):
 @pytest.mark.slow
 def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
     hf_clip, digits_data_dir, tmp_path):
-  """`python -m train.zeroshot`, then a run and WiSE-FT in its workdir."""
+  """`python -m train.vision.zeroshot_main`, then a run and WiSE-FT in its workdir."""
   _, _, path = hf_clip
   workdir = str(tmp_path / 'run')
   overrides = [
@@ -180,7 +180,7 @@ def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
       f'--config.dataset.data_dir={digits_data_dir}',
   ]
   result = subprocess.run(
-      [sys.executable, '-m', 'train.zeroshot',
+      [sys.executable, '-m', 'train.vision.zeroshot_main',
        '--config=configs/tiny.py', f'--workdir={workdir}', *overrides],
       env=trainlib.env_with_devices(1), cwd=trainlib.REPO,
       capture_output=True, text=True, timeout=600)
@@ -190,7 +190,7 @@ def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
     zero_shot = json.load(f)
   assert set(zero_shot) == {'eval/val_accuracy', 'eval/id_accuracy',
                             'eval/rotate_accuracy', 'eval/invert_accuracy'}
-  cache = os.path.join(workdir, zeroshot_head.CACHE_FILE)
+  cache = os.path.join(workdir, zeroshot.CACHE_FILE)
   cached_at = os.stat(cache).st_mtime_ns
   # A run in the same workdir: its step-0 evaluation, from the cached head.
   config = _config(path, _class_file(tmp_path),
@@ -201,8 +201,8 @@ def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
   with mock.patch.object(zeroshot_head, 'head_weights',
                          side_effect=AssertionError('recomputed')):
     final = finetune.train_and_evaluate(config, workdir, print_summary=False)
-    # WiSE-FT on the finished run, as `python -m train.wise_ft` does.
-    by_alpha = weight_ensembles.evaluate_finished_run(workdir, [0.0])
+    # WiSE-FT on the finished run, as `python -m train.vision.wise_ft_main` does.
+    by_alpha = wise_ft.evaluate_finished_run(workdir, [0.0])
   assert os.stat(cache).st_mtime_ns == cached_at
   rows = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   step0 = {k: v for k, v in rows[0].items() if k != 'step'}
@@ -213,7 +213,7 @@ def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
     assert final[f'wise_ft/0.0/{name}'] == accuracy, name
   assert by_alpha[0.0] == zero_shot
   # ... and not the fine-tuned one: the run moved the head.
-  with np.load(os.path.join(workdir, weight_ensembles.START_FILE)) as start:
+  with np.load(os.path.join(workdir, wise_ft.START_FILE)) as start:
     start_head = start["['head']['kernel']"]
   tuned_head = trainlib.final_state(workdir)[0]['head']['kernel']
   assert not np.allclose(start_head, tuned_head, atol=1e-6)
@@ -249,7 +249,7 @@ def test_bad_input_is_refused_by_name(hf_clip, digits_data_dir, tmp_path):
   config = _config(path, '')
   config.dataset.data_dir = digits_data_dir
   with pytest.raises(ValueError, match='not words.*config.zeroshot.class_names'):
-    zeroshot_head.class_names(config)
+    zeroshot.class_names(config)
   # A model that is not a CLIP image tower with a projection.
   config = _config(path, _class_file(tmp_path))
   config.model.name = 'mu/4'  # Refused by the config's rules, before work.
@@ -263,11 +263,11 @@ def test_class_names_from_readable_tfds_labels(tmp_path):
   label = mock.Mock(names=['aircraft_carrier', 'airplane', 'alarm_clock'])
   builder = mock.Mock(info=mock.Mock(features={'label': label}))
   with mock.patch('tensorflow_datasets.builder', return_value=builder):
-    assert zeroshot_head.class_names(config) == [
+    assert zeroshot.class_names(config) == [
         'aircraft carrier', 'airplane', 'alarm clock']  # DomainNet's style.
     config.dataset.num_classes = 4
     with pytest.raises(ValueError, match='3 label names but'):
-      zeroshot_head.class_names(config)
+      zeroshot.class_names(config)
 
 
 def test_head_cache_is_reused_and_recomputed_when_stale(hf_clip, tmp_path):
@@ -277,17 +277,17 @@ def test_head_cache_is_reused_and_recomputed_when_stale(hf_clip, tmp_path):
   with mock.patch.object(zeroshot_head, 'head_weights',
                          return_value=head) as compute:
     for _ in range(2):  # Computed once, then read.
-      w, scale = zeroshot_head.cached_head_weights(config, str(tmp_path))
+      w, scale = zeroshot.cached_head_weights(config, str(tmp_path))
     assert compute.call_count == 1
     np.testing.assert_array_equal(w, head[0])
     assert scale == 50.0
     config.zeroshot.templates = ('a {}.',)  # Other prompts: recomputed.
-    zeroshot_head.cached_head_weights(config, str(tmp_path))
+    zeroshot.cached_head_weights(config, str(tmp_path))
     assert compute.call_count == 2
-    with open(tmp_path / zeroshot_head.CACHE_FILE, 'r+b') as f:
+    with open(tmp_path / zeroshot.CACHE_FILE, 'r+b') as f:
       f.truncate(100)  # A damaged cache is never used.
-    zeroshot_head.cached_head_weights(config, str(tmp_path))
+    zeroshot.cached_head_weights(config, str(tmp_path))
     assert compute.call_count == 3
   with pytest.raises(FileNotFoundError, match='tokenizer.json'):
     config.zeroshot.tokenizer = str(tmp_path / 'tokenizer.json')
-    zeroshot_head.cached_head_weights(config, str(tmp_path / 'other'))
+    zeroshot.cached_head_weights(config, str(tmp_path / 'other'))

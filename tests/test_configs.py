@@ -7,8 +7,8 @@ import os
 import pytest
 
 from configs import common
-from train import models
-from train import optimizers
+from train.vision import vit
+from train.core import optimizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_CONFIGS = sorted(
@@ -33,7 +33,7 @@ def test_config_is_complete_and_valid(name):
   config = module.get_config()
   assert module.__doc__ and 'python -m train --config configs/' in module.__doc__
   assert _keys(config) == _keys(common.base_config())  # No typos, no gaps.
-  models.get_model_kwargs(config.model.name)
+  vit.get_model_kwargs(config.model.name)
   assert config.optimizer.name in optimizers.METHODS
   assert config.dataset.num_classes == config.model.num_classes
   for ood in config.dataset.ood.values():

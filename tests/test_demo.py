@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from train import analysis
-from train import comparison
-from train import contrastive
-from train import finetune
-from train import digits_domains
+from train.demo import analysis
+from train.demo import comparison
+from train.demo import contrastive
+from train.vision import finetune
+from train.demo import digits_domains
 from tests import trainlib
 
 
@@ -41,7 +41,7 @@ def finished_demo(tmp_path_factory):
   """A finished smoke demo (runs in 2 workers) and its summary."""
   workdir = tmp_path_factory.mktemp('demo')
   config = demo_config.get_config('smoke')
-  config.workers = 2  # The runs in worker processes (train.sweep).
+  config.workers = 2  # The runs in worker processes (train.demo.sweep).
   summary = comparison.run_comparison(config, str(workdir))
   return workdir, summary
 

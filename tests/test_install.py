@@ -186,7 +186,8 @@ def _imported_distributions(paths) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize('extras, paths', [
     (('train',), ('train', 'configs')),  # The ViT recipe and the demo.
-    (('train', 'llm'), ('train/llm', 'configs/commonsense.py')),
+    (('train', 'llm'), ('train/llm', 'train/language',
+                         'configs/commonsense.py')),
 ])
 def test_each_recipe_imports_only_what_its_extras_install(extras, paths):
   """The README's demo command installs the ``train`` extra alone: a module
@@ -195,8 +196,9 @@ def test_each_recipe_imports_only_what_its_extras_install(extras, paths):
   groups = _pyproject_requirements()
   roots = [(req, set()) for group in ('',) + extras for req in groups[group]]
   installed = set(_closure(roots))
-  if paths[0] == 'train':  # The vision recipe: train/ but its llm/ folder.
-    imported = {d: {f for f in files if not f.startswith('train/llm/')
+  if paths[0] == 'train':  # The vision recipe: train/ but the language ones.
+    imported = {d: {f for f in files if not f.startswith(
+                        ('train/llm/', 'train/language/'))
                     and f != 'configs/commonsense.py'}
                 for d, files in _imported_distributions(paths).items()}
   else:

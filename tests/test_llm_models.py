@@ -24,10 +24,10 @@ import safetensors.numpy
 
 from tests import llm_helpers
 
-from train.llm import families
-from train.llm import models
-from train.llm import rope as rope_lib
-from train.llm import scoring
+from train.language import families
+from train.language import models
+from train.language import rope as rope_lib
+from train.language import scoring
 from train.llm import smoke
 
 T = 40  # Positions compared: past Gemma's window (8) and Llama 3.1's 16.

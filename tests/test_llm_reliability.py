@@ -18,9 +18,9 @@ import pytest
 from tests import llm_helpers
 from tests import trainlib
 from tests.test_reliability import _wait_for_step  # pylint: disable=g-importing-member
-from train import checkpoints
-from train import metrics
-from train import workdir_lock
+from train.core import checkpoints
+from train.core import metrics
+from train.core import workdir_lock
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ import pytest
 
 from configs import commonsense
 import spd_optax
-from train import optimizers
-from train import run_identity
+from train.core import optimizers
+from train.core import run_identity
 from train.llm import checks
 from train.llm import loop
-from train.llm import models
+from train.language import models
 from train.llm import steps
 from tests import llm_helpers
 from tests import multidevice
@@ -148,7 +148,8 @@ def test_an_8_device_mesh_equals_one_device(monkeypatch):
     import jax, jax.numpy as jnp, numpy as np
     from tests import llm_helpers
     from tests.test_llm_train import _batches, _config, _set_up
-    from train.llm import scoring, steps
+    from train.language import scoring
+    from train.llm import steps
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     folder = llm_helpers.save_tiny('llama', tempfile.mkdtemp())

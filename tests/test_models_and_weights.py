@@ -2,7 +2,7 @@
 
 References are ``transformers`` models built from small configs with random
 weights (nothing downloaded), saved as safetensors the way the Hub serves
-them, then loaded by ``train.weights``.
+them, then loaded by ``train.vision.pretrained``.
 """
 
 import copy
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import models, weights
+from train.vision import vit
+from train.vision import pretrained
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -55,15 +56,15 @@ def hf_vit(tmp_path_factory):
 
 def test_hf_vit_logits_match_pytorch(hf_vit):
   torch_model, path = hf_vit
-  ours = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  ours = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                   layer_norm_eps=1e-12, rngs=nnx.Rngs(0))
-  report = weights.load_pretrained(ours, path)
+  report = pretrained.load_pretrained(ours, path)
   assert report['kept'] == [] and report['loaded'] == 40
   images = _images()
   expected = _torch_out(torch_model, images).logits.numpy()
   np.testing.assert_allclose(ours(jnp.asarray(images)), expected, atol=1e-4,
                              rtol=1e-4)
-  report = weights.load_pretrained(ours, path, dont_load=('head',))
+  report = pretrained.load_pretrained(ours, path, dont_load=('head',))
   assert report['unused'] == []  # The classifier is a kept (new) head.
 
 
@@ -71,10 +72,10 @@ def test_hf_vit_model_without_head_and_new_head_kept_fresh(hf_vit, tmp_path):
   torch_model, _ = hf_vit
   base = torch_model.vit  # A ViTModel: names without the 'vit.' prefix.
   base.save_pretrained(str(tmp_path), safe_serialization=True)
-  ours = models.VisionTransformer(**SMALL, num_classes=7, image_size=32,
+  ours = vit.VisionTransformer(**SMALL, num_classes=7, image_size=32,
                                   layer_norm_eps=1e-12, rngs=nnx.Rngs(0))
   head_before = np.asarray(ours.head.kernel[...])
-  report = weights.load_pretrained(ours, str(tmp_path), dont_load=('head',))
+  report = pretrained.load_pretrained(ours, str(tmp_path), dont_load=('head',))
   assert report['kept'] == ['head/bias', 'head/kernel']
   assert report['unused'] == []
   np.testing.assert_array_equal(ours.head.kernel[...], head_before)
@@ -95,10 +96,10 @@ def test_hf_clip_features_match_pytorch(tmp_path, with_projection):
          else transformers.CLIPVisionModel)
   torch_model = _randomize(cls(config).eval(), seed=1)
   torch_model.save_pretrained(str(tmp_path), safe_serialization=True)
-  ours = models.VisionTransformer(
+  ours = vit.VisionTransformer(
       **SMALL, variant='clip', projection_dim=16 if with_projection else 0,
       num_classes=0, image_size=32, rngs=nnx.Rngs(0))
-  weights.load_pretrained(ours, str(tmp_path))
+  pretrained.load_pretrained(ours, str(tmp_path))
   images = _images(seed=2)
   out = _torch_out(torch_model, images)
   expected = out.image_embeds if with_projection else out.pooler_output
@@ -107,12 +108,12 @@ def test_hf_clip_features_match_pytorch(tmp_path, with_projection):
 
 
 def test_npz_round_trips_with_original_vit_names(tmp_path):
-  model = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  model = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                    rngs=nnx.Rngs(0))
   # A head of zeros would hide a mix-up: give it values.
   model.head.kernel[...] = jax.random.normal(jax.random.key(1), (32, 10))
   path = str(tmp_path / 'vit.npz')
-  weights.save_npz(model, path)
+  pretrained.save_npz(model, path)
   names = set(np.load(path).files)
   assert 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel' in names
   assert np.load(path)[
@@ -120,18 +121,18 @@ def test_npz_round_trips_with_original_vit_names(tmp_path):
   ].shape == (32, 2, 16)
   assert 'Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel' in names
   assert 'Transformer/posembed_input/pos_embedding' in names
-  fresh = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  fresh = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                    rngs=nnx.Rngs(5))
-  weights.load_pretrained(fresh, path)
+  pretrained.load_pretrained(fresh, path)
   images = jnp.asarray(_images())
   np.testing.assert_array_equal(fresh(images), model(images))
 
 
 def test_big_vision_scanned_npz_loads(tmp_path):
-  model = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  model = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                    rngs=nnx.Rngs(0))
   path = str(tmp_path / 'vit.npz')
-  weights.save_npz(model, path)
+  pretrained.save_npz(model, path)
   flat = dict(np.load(path))
   scanned = {}
   for k, v in flat.items():  # Stack the blocks as big_vision's scan does.
@@ -142,22 +143,22 @@ def test_big_vision_scanned_npz_loads(tmp_path):
     elif not k.startswith('Transformer/encoderblock_'):
       scanned['params/' + k] = v
   np.savez(tmp_path / 'scanned.npz', **scanned)
-  fresh = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  fresh = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                    rngs=nnx.Rngs(5))
-  report = weights.load_pretrained(fresh, str(tmp_path / 'scanned.npz'))
+  report = pretrained.load_pretrained(fresh, str(tmp_path / 'scanned.npz'))
   assert report['unused'] == [] and report['loaded'] == 40
   images = jnp.asarray(_images())
   np.testing.assert_array_equal(fresh(images), model(images))
 
 
 def test_position_embeddings_resampled_for_a_new_resolution(tmp_path):
-  model = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  model = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                    rngs=nnx.Rngs(0))
   path = str(tmp_path / 'vit.npz')
-  weights.save_npz(model, path)
-  bigger = models.VisionTransformer(**SMALL, num_classes=10, image_size=48,
+  pretrained.save_npz(model, path)
+  bigger = vit.VisionTransformer(**SMALL, num_classes=10, image_size=48,
                                     rngs=nnx.Rngs(1))
-  weights.load_pretrained(bigger, path)
+  pretrained.load_pretrained(bigger, path)
   old = np.asarray(model.pos_embedding[...])
   new = np.asarray(bigger.pos_embedding[...])
   assert new.shape == (1, 1 + 12 * 12, 32)
@@ -168,31 +169,31 @@ def test_position_embeddings_resampled_for_a_new_resolution(tmp_path):
 
 
 def test_mismatch_names_the_leaf_and_both_shapes(tmp_path):
-  model = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  model = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                    rngs=nnx.Rngs(0))
   path = str(tmp_path / 'vit.npz')
-  weights.save_npz(model, path)
-  wider = models.VisionTransformer(**dict(SMALL, mlp_dim=96), num_classes=10,
+  pretrained.save_npz(model, path)
+  wider = vit.VisionTransformer(**dict(SMALL, mlp_dim=96), num_classes=10,
                                    image_size=32, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"MlpBlock_3/Dense_0/bias' has shape"
                      r" \(64,\) but our leaf 'blocks/0/mlp/fc1/bias' has shape"
                      r" \(96,\)"):
-    weights.load_pretrained(wider, path)
-  deeper = models.VisionTransformer(**dict(SMALL, depth=3), num_classes=10,
+    pretrained.load_pretrained(wider, path)
+  deeper = vit.VisionTransformer(**dict(SMALL, depth=3), num_classes=10,
                                     image_size=32, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"'blocks/2/.*' .*has no tensor"):
-    weights.load_pretrained(deeper, path)
+    pretrained.load_pretrained(deeper, path)
   with pytest.raises(FileNotFoundError, match='missing.npz'):
-    weights.load_pretrained(model, str(tmp_path / 'missing.npz'))
+    pretrained.load_pretrained(model, str(tmp_path / 'missing.npz'))
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(ValueError, match='no \\*.safetensors'):
-    weights.load_pretrained(model, str(tmp_path / 'empty'))
+    pretrained.load_pretrained(model, str(tmp_path / 'empty'))
 
 
 def test_lora_adapters_start_as_the_identity_and_are_lora_params():
-  plain = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  plain = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                    rngs=nnx.Rngs(0))
-  lora = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  lora = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                   lora_rank=4, lora_alpha=8.0,
                                   rngs=nnx.Rngs(0))
   nnx.update(lora, nnx.state(plain))  # The same base weights.
@@ -209,7 +210,7 @@ def test_lora_adapters_start_as_the_identity_and_are_lora_params():
 
 
 def test_drop_path_is_identity_at_eval_and_random_in_training():
-  model = models.VisionTransformer(**SMALL, num_classes=10, image_size=32,
+  model = vit.VisionTransformer(**SMALL, num_classes=10, image_size=32,
                                    drop_path_rate=0.5, rngs=nnx.Rngs(0))
   model.head.kernel[...] = jnp.ones_like(model.head.kernel[...])
   images = jnp.asarray(_images(n=8))
@@ -222,11 +223,11 @@ def test_drop_path_is_identity_at_eval_and_random_in_training():
 
 def test_unknown_model_name_is_refused():
   with pytest.raises(ValueError, match="Unknown model 'b/15'"):
-    models.get_model_kwargs('b/15')
+    vit.get_model_kwargs('b/15')
 
 
 def _float64_vit(**kwargs):
-  return models.VisionTransformer(**SMALL, image_size=32, layer_norm_eps=1e-12,
+  return vit.VisionTransformer(**SMALL, image_size=32, layer_norm_eps=1e-12,
                                   param_dtype=jnp.float64, rngs=nnx.Rngs(0),
                                   **kwargs)
 
@@ -243,7 +244,7 @@ def test_float64_model_matches_pytorch_in_float64(hf_vit):
   assert expected.dtype == np.float64
   with jax.enable_x64(True):
     ours = _float64_vit(num_classes=10)
-    weights.load_pretrained(ours, path)
+    pretrained.load_pretrained(ours, path)
     dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(ours, nnx.Param))}
     logits = np.asarray(ours(jnp.asarray(images)))
   assert dtypes == {np.dtype(np.float64)}

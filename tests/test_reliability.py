@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from train import checkpoints
-from train import metrics
-from train import workdir_lock
+from train.core import checkpoints
+from train.core import metrics
+from train.core import workdir_lock
 from tests import trainlib
 
 # Every test here runs `python -m train` in subprocesses (kills, signals,
@@ -321,12 +321,12 @@ def test_missing_data_dir_is_named(tmp_path):
 def test_pretrained_leaf_that_does_not_fit_is_named(digits_data_dir,
                                                    tmp_path):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from train import models, weights  # pylint: disable=g-import-not-at-top
-  other = models.VisionTransformer(
-      **dict(models.get_model_kwargs('mu/4'), mlp_dim=48), num_classes=10,
+  from train.vision import vit, pretrained  # pylint: disable=g-import-not-at-top
+  other = vit.VisionTransformer(
+      **dict(vit.get_model_kwargs('mu/4'), mlp_dim=48), num_classes=10,
       image_size=32, rngs=nnx.Rngs(0))
   path = str(tmp_path / 'other.npz')
-  weights.save_npz(other, path)
+  pretrained.save_npz(other, path)
   result = trainlib.run_train(str(tmp_path / 'run'), digits_data_dir,
                               f'--config.pretrained.path={path}', check=False)
   assert result.returncode != 0

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from train import checkpoints
-from train import config_checks
-from train import evaluation
-from train import finetune
-from train import input_pipeline
-from train import metrics
-from train import workdir_lock
+from train.core import checkpoints
+from train.core import config_checks
+from train.vision import evaluation
+from train.vision import finetune
+from train.vision import input_pipeline
+from train.core import metrics
+from train.core import workdir_lock
 
 
 def _flip_one_bit_inside(step_dir, data: np.ndarray) -> str:
@@ -176,24 +176,24 @@ def test_every_shipped_config_passes_the_checks():
 
 def _tiny_model_file(tmp_path, poison=None):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from train import models, weights  # pylint: disable=g-import-not-at-top
-  model = models.VisionTransformer(**models.get_model_kwargs('mu/4'),
+  from train.vision import vit, pretrained  # pylint: disable=g-import-not-at-top
+  model = vit.VisionTransformer(**vit.get_model_kwargs('mu/4'),
                                    num_classes=10, image_size=32,
                                    rngs=nnx.Rngs(0))
   if poison:
     leaf = model.blocks[0].mlp.fc1.kernel
     leaf.set_value(leaf.get_value().at[0, 0].set(poison))
   path = str(tmp_path / 'pre.npz')
-  weights.save_npz(model, path)
+  pretrained.save_npz(model, path)
   return model, path
 
 
 def test_pretrained_nonfinite_values_are_refused_naming_leaf_and_file(
     tmp_path):
-  from train import weights  # pylint: disable=g-import-not-at-top
+  from train.vision import pretrained  # pylint: disable=g-import-not-at-top
   model, path = _tiny_model_file(tmp_path, poison=float('nan'))
   with pytest.raises(ValueError) as e:
-    weights.load_pretrained(model, path, dont_load=('head',))
+    pretrained.load_pretrained(model, path, dont_load=('head',))
   assert path in str(e.value)
   assert "'blocks/0/mlp/fc1/kernel'" in str(e.value)
   assert 'NaN or inf' in str(e.value)
@@ -201,7 +201,7 @@ def test_pretrained_nonfinite_values_are_refused_naming_leaf_and_file(
 
 @pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])
 def test_a_truncated_pretrained_file_is_named(tmp_path, suffix):
-  from train import weights  # pylint: disable=g-import-not-at-top
+  from train.vision import pretrained  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / f'pre{suffix}')
   tensors = {'w': np.arange(4096, dtype=np.float32)}
   if suffix == '.npz':
@@ -212,7 +212,7 @@ def test_a_truncated_pretrained_file_is_named(tmp_path, suffix):
   with open(path, 'r+b') as f:
     f.truncate(os.path.getsize(path) // 2)
   with pytest.raises(ValueError) as e:
-    weights.read_checkpoint(path)
+    pretrained.read_checkpoint(path)
   assert f'Cannot read pre-trained file {path!r}' in str(e.value)
 
 
@@ -252,7 +252,7 @@ def test_an_eval_crash_loses_no_training(digits_data_dir, tmp_path,
 
 
 def test_disk_full_is_found_behind_tensorstores_wrapping():
-  from train import checkpoints  # pylint: disable=g-import-not-at-top
+  from train.core import checkpoints  # pylint: disable=g-import-not-at-top
   try:
     try:
       raise ValueError(

@@ -1,4 +1,4 @@
-"""What a run is (train.run_identity): content, not places; reuse or set aside."""
+"""What a run is (train.core.run_identity): content, not places; reuse or set aside."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from train import files
-from train import run_identity
+from train.core import files
+from train.core import run_identity
 
 
 def _config(data_dir, pretrained=''):

@@ -1,4 +1,4 @@
-"""train.sweep: runs in worker processes fail and stop like runs in this one."""
+"""train.demo.sweep: runs in worker processes fail and stop like runs in this one."""
 
 import multiprocessing
 import os
@@ -11,9 +11,9 @@ import jax
 import pytest
 
 from configs import tiny
-from train import checkpoints
-from train import metrics
-from train import sweep
+from train.core import checkpoints
+from train.core import metrics
+from train.demo import sweep
 from tests import trainlib
 
 
@@ -27,7 +27,7 @@ def test_default_workers_one_per_core_on_cpu_and_what_is_asked_otherwise():
 def test_a_failed_run_in_a_worker_is_raised_here_naming_the_config_key(
     tmp_path):
   bad = tiny.get_config()
-  bad.num_train_steps = 0  # Refused by train.config_checks before any work.
+  bad.num_train_steps = 0  # Refused by train.core.config_checks before any work.
   jobs = [(i, bad, str(tmp_path / f'run{i}')) for i in range(3)]
   with pytest.raises(ValueError, match='num_train_steps'):
     list(sweep.run_all(jobs, workers=2))
@@ -65,7 +65,8 @@ def test_the_scheduler_keeps_each_worker_to_its_group_until_the_end():
 _SWEEP_SCRIPT = r'''
 import sys
 from configs import tiny
-from train import preemption, sweep
+from train.core import preemption
+from train.demo import sweep
 jobs = []
 for i in range(3):
   c = tiny.get_config()

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from train import finetune
-from train import input_pipeline
-from train import mesh as mesh_lib
-from train import model_setup
-from train import train_modes
+from train.vision import finetune
+from train.vision import input_pipeline
+from train.vision import mesh as mesh_lib
+from train.vision import model_setup
+from train.vision import train_modes
 from tests import trainlib
 
 CASES = [('adam', 0), ('adamw', 0), ('l2sp', 0), ('spd', 0), ('projection', 0),

@@ -7,14 +7,14 @@ the data; restore the newest checkpoint; train (the val loss every
 ``eval_every_steps``), checkpointing the adapters and the optimizer state;
 finally evaluate the test sets, write ``result.json`` and print the table.
 
-It keeps the ViT recipe's guarantees (``train.finetune``) with the same pieces:
+It keeps the ViT recipe's guarantees (``train.vision.finetune``) with the same pieces:
 the same command resumes exactly (same batches, same dropout keys, adapters
 and optimizer state restored; the base weights are re-read from their files
 and never change); one run per workdir, of one identity
-(``train.workdir_lock``, ``train.run_identity``: a moved workdir or model
+(``train.core.workdir_lock``, ``train.core.run_identity``: a moved workdir or model
 folder resumes); SIGTERM or
-SIGINT saves the current step and stops (``train.preemption``); every saved
-step carries checksums (``train.checkpoints``) and none holds a NaN; a NaN
+SIGINT saves the current step and stops (``train.core.preemption``); every saved
+step carries checksums (``train.core.checkpoints``) and none holds a NaN; a NaN
 loss stops the run before any checkpoint after it.
 """
 
@@ -32,20 +32,20 @@ import ml_collections
 import numpy as np
 import transformers
 
-from train import checkpoints
-from train import files
-from train import metrics as metrics_lib
-from train import optimizers
-from train import preemption as preemption_lib
-from train import run_identity
-from train import workdir_lock
+from train.core import checkpoints
+from train.core import files
+from train.core import metrics as metrics_lib
+from train.core import optimizers
+from train.core import preemption as preemption_lib
+from train.core import run_identity
+from train.core import workdir_lock
 from train.llm import checks
 from train.llm import data
 from train.llm import evaluate
-from train.llm import families
-from train.llm import mesh as mesh_lib
-from train.llm import models
-from train.llm import scoring
+from train.language import families
+from train.language import mesh as mesh_lib
+from train.language import models
+from train.language import scoring
 from train.llm import smoke
 from train.llm import steps
 
@@ -64,7 +64,7 @@ MODEL_FILES = ('*.safetensors', 'config.json', 'tokenizer*', '*.model',
 
 def _identity(config: ml_collections.ConfigDict, model_dir: str,
               data_dir: str) -> dict:
-  """The run's identity (``train.run_identity``): its config, with the model
+  """The run's identity (``train.core.run_identity``): its config, with the model
   and data folders replaced by what they hold (the model's files and the
   data files read, by SHA-256), so a moved workdir or folder resumes."""
   data_files = [config.data.train_file] + [
@@ -308,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Refuses a nonsensical config before any work, and a workdir another run
   holds or that holds another config's run. SIGTERM / SIGINT save the
-  current step, then raise ``train.preemption.Preempted``.
+  current step, then raise ``train.core.preemption.Preempted``.
   """
   checks.check(config, num_devices=jax.device_count())
   workdir = os.path.abspath(workdir)
