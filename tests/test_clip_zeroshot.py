@@ -23,7 +23,7 @@ from tokenizers import pre_tokenizers
 from configs import common
 from configs import tiny
 from train.vision import clip_text
-from train.core import config_checks
+from train.vision import checks
 from train.vision import evaluation
 from train.vision import finetune
 from train.core import metrics
@@ -198,7 +198,7 @@ def test_step_zero_and_wise_ft_alpha_zero_are_the_zero_shot_mode(
   config.dataset.data_dir = digits_data_dir
   config.num_train_steps = config.eval_every_steps = 2
   config.wise_ft.alphas = (0.0,)
-  with mock.patch.object(zeroshot_head, 'head_weights',
+  with mock.patch.object(zeroshot, 'head_weights',
                          side_effect=AssertionError('recomputed')):
     final = finetune.train_and_evaluate(config, workdir, print_summary=False)
     # WiSE-FT on the finished run, as `python -m train.vision.wise_ft_main` does.
@@ -254,7 +254,7 @@ def test_bad_input_is_refused_by_name(hf_clip, digits_data_dir, tmp_path):
   config = _config(path, _class_file(tmp_path))
   config.model.name = 'mu/4'  # Refused by the config's rules, before work.
   with pytest.raises(ValueError, match="'mu/4' is not a CLIP image tower"):
-    config_checks.check(config, num_devices=1)
+    checks.check(config, num_devices=1)
 
 
 def test_class_names_from_readable_tfds_labels(tmp_path):
@@ -274,7 +274,7 @@ def test_head_cache_is_reused_and_recomputed_when_stale(hf_clip, tmp_path):
   _, _, path = hf_clip
   config = _config(path, _class_file(tmp_path))
   head = (np.eye(10, 16, dtype=np.float32), 50.0)
-  with mock.patch.object(zeroshot_head, 'head_weights',
+  with mock.patch.object(zeroshot, 'head_weights',
                          return_value=head) as compute:
     for _ in range(2):  # Computed once, then read.
       w, scale = zeroshot.cached_head_weights(config, str(tmp_path))

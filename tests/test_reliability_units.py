@@ -19,7 +19,7 @@ import pytest
 
 from configs import tiny
 from train.core import checkpoints
-from train.core import config_checks
+from train.vision import checks
 from train.vision import evaluation
 from train.vision import finetune
 from train.vision import input_pipeline
@@ -153,7 +153,7 @@ def test_nonsense_config_values_are_refused_naming_key_and_range(
     node = node[p]
   node[leaf] = value
   with pytest.raises(ValueError) as e:
-    config_checks.check(config, num_devices=1)
+    checks.check(config, num_devices=1)
   assert f'config.{key}={value!r}: {message}' in str(e.value)
 
 
@@ -161,16 +161,16 @@ def test_nonsense_config_values_are_refused_naming_key_and_range(
 def test_a_batch_the_devices_cannot_split_is_refused_by_key(key):
   config = tiny.get_config()
   config[key] = 36
-  assert config_checks.problems(config, num_devices=8) == [
+  assert checks.problems(config, num_devices=8) == [
       f'config.{key}=36: must be a multiple of the 8 devices']
-  assert config_checks.problems(config, num_devices=4) == []
+  assert checks.problems(config, num_devices=4) == []
 
 
 def test_every_shipped_config_passes_the_checks():
   from configs import demo, domainnet_clip, imagenet_clip, imagenet_clip_lora  # pylint: disable=g-import-not-at-top
   for module in (tiny, demo, domainnet_clip, imagenet_clip,
                  imagenet_clip_lora):
-    assert config_checks.problems(module.get_config(), num_devices=8) == [], (
+    assert checks.problems(module.get_config(), num_devices=8) == [], (
         module.__name__)
 
 

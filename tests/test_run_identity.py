@@ -10,6 +10,7 @@ import pytest
 from configs import tiny
 from train.core import files
 from train.core import run_identity
+from train.vision import locations
 
 
 def _config(data_dir, pretrained=''):
@@ -28,14 +29,14 @@ def weights_file(tmp_path):
 
 def test_identity_is_what_the_paths_hold_not_where_they_are(
     digits_data_dir, weights_file, tmp_path):
-  here = run_identity.identity(_config(digits_data_dir, weights_file))
+  here = locations.identity(_config(digits_data_dir, weights_file))
   # The same data and weights elsewhere: the same identity.
   other_data = str(tmp_path / 'tfds_copy')
   shutil.copytree(digits_data_dir, other_data)
   other_weights = str(tmp_path / 'moved' / 'weights.npz')
   os.makedirs(os.path.dirname(other_weights))
   shutil.copy(weights_file, other_weights)
-  there = run_identity.identity(_config(other_data, other_weights))
+  there = locations.identity(_config(other_data, other_weights))
   assert there == here
   # The paths are gone from it; what they hold is there.
   described = here['dataset']['data_dir']
@@ -46,7 +47,7 @@ def test_identity_is_what_the_paths_hold_not_where_they_are(
       'weights.npz': run_identity.file_sha256(weights_file)}
   # Other weights (same name, same size): another identity, named by key.
   np.savez(other_weights, w=np.arange(4.0) + 1)
-  changed = run_identity.identity(_config(other_data, other_weights))
+  changed = locations.identity(_config(other_data, other_weights))
   assert run_identity.differing_keys(here, changed) == [
       'pretrained.path.weights.npz']
 
@@ -121,33 +122,38 @@ def test_a_damaged_json_result_is_set_aside_and_read_as_absent(tmp_path,
   assert path in caplog.text and 'not valid JSON' in caplog.text
 
 
+def _claim(workdir, config):
+  return run_identity.claim_workdir(workdir, config,
+                                    ident=locations.identity(config))
+
+
 def test_a_moved_workdir_is_claimed_and_another_config_refused(
     digits_data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
   config = _config(digits_data_dir)
-  run_identity.claim_workdir(workdir, config)
+  _claim(workdir, config)
   moved, data = str(tmp_path / 'elsewhere'), str(tmp_path / 'data')
   shutil.copytree(workdir, moved)
   shutil.copytree(digits_data_dir, data)
   config.dataset.data_dir = data
-  run_identity.claim_workdir(moved, config)  # Same content: resumes.
+  _claim(moved, config)  # Same content: resumes.
   with open(os.path.join(moved, 'config.json')) as f:
     assert json.load(f)['dataset']['data_dir'] == data  # Current paths.
   config.optimizer.learning_rate = 0.5
   with pytest.raises(ValueError, match=r"different config \(keys"
                      r" \['optimizer.learning_rate'\] differ"):
-    run_identity.claim_workdir(moved, config)
+    _claim(moved, config)
 
 
 def test_a_damaged_identity_is_refused_by_name_and_a_damaged_config_kept(
     digits_data_dir, tmp_path, caplog):
   workdir = str(tmp_path / 'run')
   config = _config(digits_data_dir)
-  run_identity.claim_workdir(workdir, config)
+  _claim(workdir, config)
   config_path = os.path.join(workdir, 'config.json')
   with open(config_path, 'w') as f:
     f.write('{')
-  run_identity.claim_workdir(workdir, config)  # identity.json decides.
+  _claim(workdir, config)  # identity.json decides.
   assert any(n.startswith('damaged_config.json_') for n in os.listdir(workdir))
   assert config_path in caplog.text
   with open(config_path) as f:
@@ -156,7 +162,7 @@ def test_a_damaged_identity_is_refused_by_name_and_a_damaged_config_kept(
   with open(id_path, 'w') as f:
     f.write('[')
   with pytest.raises(ValueError, match=f'{id_path} is damaged'):
-    run_identity.claim_workdir(workdir, config)
+    _claim(workdir, config)
 
 
 def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):

@@ -1,15 +1,11 @@
 r"""What a run's numbers depend on, and the one rule for reusing what is on disk.
 
-A config names its inputs by where they are (``dataset.data_dir``,
-``pretrained.path``, ``zeroshot.class_names``, ``zeroshot.tokenizer``), but a
-run's numbers depend on what those places hold. :func:`identity` is the
-config with each such path replaced by a description of its content:
-
-- ``dataset.data_dir`` by every TFDS set the config reads (the training set
-  and every OOD set), each as its name, version and split sizes;
-- ``pretrained.path`` by the SHA-256 of each weights file read from it;
-- ``zeroshot.class_names`` and, for a zero-shot head, the tokenizer, by their
-  SHA-256.
+A config names its inputs by where they are (a data folder, a weights file),
+but a run's numbers depend on what those places hold. :func:`identity` is the
+config with each such path replaced by a description of its content, which
+each recipe supplies (``train.vision.locations``: TFDS sets by name, version
+and split sizes, weights files by SHA-256; ``train.llm.loop``: the model and
+data folders' files by SHA-256).
 
 So a workdir that is moved, copied or reached through another mount, and the
 same data in another ``data_dir``, have the same identity, and a changed
@@ -46,12 +42,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
-import tensorflow_datasets as tfds
 
-from train.vision import clip_text
 from train.core import files
-from train.vision import input_pipeline
-from train.vision import pretrained
 
 # What may differ between a run and its resumption (not num_train_steps: the
 # learning-rate schedule depends on it; the mesh: checkpoints restore onto
@@ -81,70 +73,27 @@ def file_sha256(path: str) -> str:
   return _file_sha256(path, stat.st_size, stat.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=256)
-def _tfds_set(name: str, data_dir: Optional[str]) -> dict:
-  info = tfds.builder(name, data_dir=data_dir).info
-  return {'version': str(info.version),
-          'splits': {s: int(info.splits[s].num_examples)
-                     for s in sorted(info.splits)}}
-
-
-def datasets_identity(dataset: ml_collections.ConfigDict) -> dict:
-  """``{tfds name: {version, splits}}`` of every set ``dataset`` reads.
-
-  The sets must be prepared (``input_pipeline.check_available``): an
-  unprepared set has no split sizes yet.
-  """
-  input_pipeline.import_builder_module(dataset)
-  data_dir = input_pipeline.data_dir(dataset)
-  names = [dataset.name] + [ood.name for ood in dataset.get('ood', {}).values()]
-  return {n: _tfds_set(n, data_dir) for n in dict.fromkeys(names)}
-
-
-def _digests(paths: Iterable[str]) -> dict[str, str]:
+def digests(paths: Iterable[str]) -> dict[str, str]:
   return {os.path.basename(p): file_sha256(p) for p in paths}
 
 
 def identity(config: ml_collections.ConfigDict,
-             locations: Optional[Mapping[str, Any]] = None) -> dict:
+             locations: Mapping[str, Any]) -> dict:
   """``config`` as JSON, its location-only paths replaced by their content.
 
   Args:
     config: a run's config.
-    locations: ``{dotted key: what the place it names holds}``; default: the
-      ViT recipe's (:func:`vision_locations`). Another recipe passes its own
-      (``train.llm`` describes its model and data folders).
+    locations: ``{dotted key: what the place it names holds}``, the recipe's
+      own (``train.vision.locations``: data sets, weights, tokenizer;
+      ``train.llm``: its model and data folders).
   """
   out = json.loads(config.to_json_best_effort(sort_keys=True))
-  if locations is None:
-    locations = vision_locations(config)
   for key, content in locations.items():
     *parents, leaf = key.split('.')
     node = out
     for part in parents:
       node = node[part]
     node[leaf] = content
-  return out
-
-
-def vision_locations(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What the ViT recipe's paths hold: data sets, weights, names, tokenizer."""
-  out = {}
-  if 'dataset' in config:
-    out['dataset.data_dir'] = datasets_identity(config.dataset)
-  if config.get('pretrained', {}).get('path'):
-    out['pretrained.path'] = _digests(
-        pretrained.checkpoint_files(config.pretrained.path))
-  zeroshot = config.get('zeroshot')
-  if zeroshot is not None:
-    if zeroshot.class_names:
-      out['zeroshot.class_names'] = _content(zeroshot.class_names,
-                                             'config.zeroshot.class_names')
-    if config.model.head_init == 'zeroshot':
-      out['zeroshot.tokenizer'] = _content(
-          clip_text.tokenizer_path(config),
-          'config.zeroshot.tokenizer, or tokenizer.json in'
-          ' config.pretrained.path')
   return out
 
 
@@ -156,7 +105,7 @@ def folder_contents(folder: str, patterns: Sequence[str] = ('*',)
   return {n: file_sha256(os.path.join(folder, n)) for n in names}
 
 
-def _content(path: str, key: str) -> str:
+def content(path: str, key: str) -> str:
   if not os.path.isfile(os.path.expanduser(path)):
     raise FileNotFoundError(f'{path!r} ({key}) does not exist.')
   return file_sha256(path)
@@ -196,7 +145,7 @@ def read_json(path: str) -> tuple[Any, Optional[str]]:
 def write_record(path: str, ident: dict, *, data_files: Sequence[str] = (),
                  **payload: Any) -> None:
   """Writes ``{identity, sha256 of data_files, **payload}`` atomically."""
-  record = {'identity': ident, 'sha256': _digests(data_files), **payload}
+  record = {'identity': ident, 'sha256': digests(data_files), **payload}
   with files.atomic_write(path) as f:
     json.dump(record, f, indent=1)
 
@@ -292,7 +241,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def claim_workdir(workdir: str, config: ml_collections.ConfigDict, *,
-                  ident: Optional[dict] = None,
+                  ident: dict,
                   resumable: Sequence[str] = RESUMABLE) -> dict:
   """Makes ``workdir`` this config's, or refuses a workdir of another one.
 
@@ -307,7 +256,7 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict, *,
   Args:
     workdir: the run's workdir.
     config: its config.
-    ident: its identity; default: :func:`identity` (the ViT recipe's).
+    ident: its identity (:func:`identity`, with the recipe's locations).
     resumable: the keys that may differ on resumption.
 
   Returns:
@@ -317,7 +266,6 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict, *,
     ValueError: the workdir holds a run of another config, or its
       ``identity.json`` (or an older version's ``config.json``) is damaged.
   """
-  ident = identity(config) if ident is None else ident
   id_path = os.path.join(workdir, IDENTITY_FILE)
   config_path = os.path.join(workdir, CONFIG_FILE)
   keys = []

@@ -36,13 +36,14 @@ import numpy as np
 import tqdm
 
 from train.demo import analysis
-from train.core import config_checks
+from train.demo import checks
 from train.demo import contrastive
 from train.core import files
 from train.vision import input_pipeline
 from train.core import metrics as metrics_lib
 from train.core import run_identity
 from train.demo import sweep
+from train.vision import locations
 from train.vision import wise_ft
 
 RESULT_FILE = 'result.json'  # A finished run's record, in its directory.
@@ -154,7 +155,7 @@ def finetune_all(config, workdir: str, methods: Sequence[str],
                             foundation_path)
         run_dir = os.path.join(workdir, 'runs',
                                run_name(method, setting, seed))
-        planned[(method, key, seed)] = (run_dir, run_identity.identity(c))
+        planned[(method, key, seed)] = (run_dir, locations.identity(c))
         reused = _reused_record(run_dir, c, planned[(method, key, seed)][1])
         if reused is None:
           jobs.append(((method, key, seed), c, run_dir))
@@ -261,7 +262,7 @@ def method_curves(config, workdir: str, data_dir: str,
 def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The whole demo; returns the summary written to ``results.json``."""
   start = time.time()
-  config_checks.check_demo(config, num_devices=jax.device_count())
+  checks.check(config, num_devices=jax.device_count())
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   _enable_compilation_cache(workdir)

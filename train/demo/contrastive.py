@@ -33,8 +33,9 @@ import numpy as np
 import optax
 import tqdm
 
-from train.core import config_checks
+from train.vision import checks
 from train.vision import input_pipeline
+from train.vision import locations
 from train.vision import vit
 from train.core import optimizers
 from train.core import run_identity
@@ -89,11 +90,11 @@ def pretrain(config: ml_collections.ConfigDict, path: str) -> str:
   Returns:
     ``path``.
   """
-  config_checks.check(config, num_devices=jax.device_count())
+  checks.check(config, num_devices=jax.device_count())
   # Prepared first: the identity holds the set's version and sizes.
   input_pipeline.source(config.dataset.name, config.dataset.train_split,
                         config.dataset)
-  ident = run_identity.identity(config)
+  ident = locations.identity(config)
   record = path + '.json'
   if run_identity.reuse(record, ident, data_files=[path]) is not None:
     return path

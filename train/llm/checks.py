@@ -1,8 +1,8 @@
 """Refuses an LLM config whose values make no sense, naming every key.
 
-The ViT recipe's rules (``train.core.config_checks.RULES``: optimizer, steps,
-checkpoints, ...) apply to the keys the two share; these are the LLM
-recipe's own, one line each, plus how the batch splits over the mesh.
+Every recipe's rules (``train.core.config_checks.RULES``: optimizer, steps,
+checkpoints, ...), then the LLM recipe's own, one line each, plus how the
+batch splits over the mesh.
 """
 
 import ml_collections

@@ -40,9 +40,10 @@ import tqdm
 
 import spd_optax
 from train.core import checkpoints
-from train.core import config_checks
+from train.vision import checks
 from train.vision import evaluation
 from train.vision import input_pipeline
+from train.vision import locations
 from train.vision import mesh as mesh_lib
 from train.core import metrics as metrics_lib
 from train.vision import model_setup
@@ -206,7 +207,7 @@ def train_and_evaluate(
   run holds or that holds a run of another config. SIGTERM / SIGINT save the
   current step, then raise ``train.core.preemption.Preempted``.
   """
-  config_checks.check(config, num_devices=jax.device_count())
+  checks.check(config, num_devices=jax.device_count())
   workdir = os.path.abspath(workdir)
   mesh = mesh_lib.make_mesh(config)
   with contextlib.ExitStack() as stack:
@@ -224,7 +225,8 @@ def train_and_evaluate(
 def _set_up(config, workdir: str, mesh) -> _Run:
   """The workdir claimed; model, optimizer, checkpointer and metrics built."""
   input_pipeline.check_available(config.dataset)  # Prepares what it may.
-  run_identity.claim_workdir(workdir, config)
+  run_identity.claim_workdir(workdir, config,
+                             ident=locations.identity(config))
   model = model_setup.make_model(config, nnx.Rngs(config.seed), workdir)
   mesh_lib.shard_module(model, mesh)
   wrt = train_modes.trainable(config)

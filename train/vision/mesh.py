@@ -5,7 +5,7 @@ A run's mesh is ``('data', 'fsdp')`` over every device of every process:
 (by the partitioning metadata of ``train.vision.vit``), the rest of the devices
 are data-parallel, and a batch is split over both axes. The mesh's axes are
 ``Auto``: the compiler propagates shardings from the annotated params and
-batches through the model. ``config_checks`` refuses a mesh that does not
+batches through the model. ``train.vision.checks`` refuses a mesh that does not
 cover the devices.
 """
 

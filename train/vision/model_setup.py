@@ -32,7 +32,7 @@ def make_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
   """The ViT of ``config.model``, with pre-trained weights when given.
 
   Args:
-    config: a checked run config (``train.core.config_checks``).
+    config: a checked run config (``train.vision.checks``).
     rngs: the model's initialisation randomness.
     workdir: where the zero-shot head is cached (None: not cached).
 

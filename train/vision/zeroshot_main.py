@@ -19,7 +19,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from train.core import config_checks
+from train.vision import checks
 from train.vision import evaluation
 from train.core import files
 from train.core import metrics
@@ -40,7 +40,7 @@ def main(argv):
     logging.info("Zero-shot evaluation: config.model.head_init=%r ->"
                  " 'zeroshot'.", config.model.head_init)
     config.model.head_init = 'zeroshot'
-  config_checks.check(config, num_devices=jax.device_count())
+  checks.check(config, num_devices=jax.device_count())
   results = evaluation.evaluate_zero_shot(config, workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
