@@ -13,6 +13,8 @@ an ``__init__`` that imports its submodules is the norm).
 
 import ast
 import os
+import subprocess
+import sys
 from typing import Optional
 
 import pytest
@@ -231,3 +233,54 @@ def test_flags_are_defined_at_module_top_level_and_first_party_imports_too():
         misplaced.append(f'{module}: a flag defined below the top level'
                          f' (line {node.lineno})')
   assert not misplaced, misplaced
+
+
+# -- A folder per recipe, shared blocks under them ------------------------------
+
+# Who may import whom inside train/: a recipe imports the shared folders
+# (core; language for the language recipes) and spd_optax, never another
+# recipe. The demo is the ViT recipe applied to the digits (each of its runs
+# is a `python -m train` run), so it stands on vision; nothing stands on it.
+ALLOWED = {
+    'train.core': {'train.core'},
+    'train.language': {'train.core', 'train.language'},
+    'train.vision': {'train.core', 'train.vision'},
+    'train.demo': {'train.core', 'train.vision', 'train.demo'},
+    'train.llm': {'train.core', 'train.language', 'train.llm'},
+    'train.__main__': {'train.core', 'train.vision'},
+}
+
+
+def _area(module: str) -> str:
+  parts = module.split('.')
+  return '.'.join(parts[:2]) if len(parts) > 1 else module
+
+
+def test_each_recipe_imports_only_core_and_the_shared_blocks():
+  graph = import_graph(os.path.join(REPO, 'train'), 'train')
+  wrong = []
+  for module, imported in sorted(graph.items()):
+    if module == 'train':
+      continue
+    area = _area(module)
+    assert area in ALLOWED, f'{module}: a new folder? add it to ALLOWED'
+    wrong += [f'{module} imports {i}' for i in sorted(imported)
+              if _area(i) not in ALLOWED[area] and i != 'train']
+  assert not wrong, wrong
+
+
+def _loaded_by(module: str) -> set[str]:
+  code = ('import sys, importlib; importlib.import_module(%r);'
+          ' print("\\n".join(sorted(sys.modules)))' % module)
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True,
+                       capture_output=True, text=True).stdout
+  return set(out.split())
+
+
+@pytest.mark.slow
+def test_the_llm_loop_loads_no_tfds_and_no_vision_module():
+  loaded = _loaded_by('train.llm.loop')
+  assert 'train.llm.loop' in loaded  # It ran.
+  bad = sorted(m for m in loaded if m.split('.')[0] == 'tensorflow_datasets'
+               or m.startswith(('train.vision', 'train.demo')))
+  assert not bad, bad
