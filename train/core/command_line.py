@@ -25,15 +25,15 @@ import ml_collections
 
 from train.core import checkpoints
 from train.core import distributed
-from train.core import metrics
+from train.core import library_noise
 from train.core import preemption
 
 
 def run(train_and_evaluate: Callable[..., dict],
         config: ml_collections.ConfigDict, workdir: str) -> None:
   """Runs ``train_and_evaluate(config, workdir)`` as a command line does."""
-  metrics.quiet_libraries()
-  sys.excepthook = _without_closed_loop_noise(sys.excepthook)
+  library_noise.quiet_libraries()
+  library_noise.drop_closed_loop_noise()  # Orbax's, after a full disk.
   distributed.join_cluster()  # Before anything touches a JAX backend.
   logging.info('JAX process %d/%d, %d local devices', jax.process_index(),
                jax.process_count(), jax.local_device_count())
@@ -68,29 +68,3 @@ def _exit_with_last_line(message: str) -> None:
   sys.stderr.write(message + '\n')
   sys.stderr.flush()
   os._exit(1)  # pylint: disable=protected-access
-
-
-def _without_closed_loop_noise(excepthook):
-  """Drops the tracebacks of callbacks that outlive Orbax's event loop.
-
-  When an asynchronous save fails (a full disk), Orbax closes its asyncio
-  loop while TensorStore writes are still finishing; each one's callback
-  then fails in ``loop.call_soon_threadsafe`` and TensorStore prints its
-  traceback (hundreds of lines). Only that exception is dropped: the save's
-  own error reaches ``main`` and is reported.
-  """
-
-  def hook(kind, value, tb):
-    if (kind is RuntimeError and str(value) == 'Event loop is closed'
-        and tb is not None and _innermost(tb).tb_frame.f_code.co_name
-        == '_check_closed'):
-      return
-    excepthook(kind, value, tb)
-
-  return hook
-
-
-def _innermost(tb):
-  while tb.tb_next is not None:
-    tb = tb.tb_next
-  return tb

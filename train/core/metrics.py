@@ -10,30 +10,11 @@ import logging
 import os
 from typing import Any, Mapping
 
-from absl import logging as absl_logging
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
 from train.core import files
-
-
-class _QuietLibraries(logging.Filter):
-  """Drops the libraries' INFO chatter (Orbax logs every file it writes)."""
-
-  def filter(self, record):
-    if '/orbax/' in record.pathname and record.levelno >= logging.ERROR:
-      # Orbax's background threads log the traceback of an error that is
-      # raised again in the main thread: keep their one line, not the pages.
-      record.exc_info = record.exc_text = None
-    return record.levelno >= logging.WARNING or not any(
-        f'/{lib}/' in record.pathname
-        for lib in ('orbax', 'etils', 'grain', 'tensorflow_datasets', 'jax'))
-
-
-def quiet_libraries() -> None:
-  """Keeps our INFO logs and the libraries' warnings; drops their INFO."""
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
 class MetricWriter:

@@ -39,6 +39,7 @@ from train.demo import analysis
 from train.demo import checks
 from train.demo import contrastive
 from train.core import files
+from train.core import library_noise
 from train.vision import input_pipeline
 from train.core import metrics as metrics_lib
 from train.core import run_identity
@@ -181,7 +182,7 @@ def finetune_all(config, workdir: str, methods: Sequence[str],
 def _init_worker(workdir: str) -> None:
   """A sweep worker: the sweep's compilation cache, and quiet logs."""
   logging.set_verbosity(logging.WARNING)
-  metrics_lib.quiet_libraries()
+  library_noise.quiet_libraries()
   _enable_compilation_cache(workdir)
 
 

@@ -12,6 +12,7 @@ finished and have its ``start_model.npz`` (``train.vision.wise_ft``).
 from absl import app
 from absl import flags
 
+from train.core import library_noise
 from train.core import metrics
 from train.vision import wise_ft
 
@@ -25,7 +26,7 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  metrics.quiet_libraries()
+  library_noise.quiet_libraries()
   alphas = [float(a) for a in FLAGS.alphas] if FLAGS.alphas else None
   by_alpha = wise_ft.evaluate_finished_run(FLAGS.workdir, alphas)
   sets = list(next(iter(by_alpha.values())))

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from train.vision import checks
 from train.vision import evaluation
 from train.core import files
+from train.core import library_noise
 from train.core import metrics
 
 FLAGS = flags.FLAGS
@@ -34,7 +35,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  metrics.quiet_libraries()
+  library_noise.quiet_libraries()
   config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
   if config.model.head_init != 'zeroshot':
     logging.info("Zero-shot evaluation: config.model.head_init=%r ->"
