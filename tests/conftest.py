@@ -1,11 +1,7 @@
-"""Shared pytest setup: make the repository importable without installing."""
-import os
-import sys
+"""Shared pytest fixtures (the repository is importable by pyproject.toml's
+``pythonpath``)."""
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest
 
 
 @pytest.fixture(scope='session')

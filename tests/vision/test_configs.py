@@ -10,7 +10,7 @@ from configs import common
 from train.vision import vit
 from train.core import optimizers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_CONFIGS = sorted(
     os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'configs',
                                                              '*.py'))

@@ -28,7 +28,7 @@ from train.vision import model_setup
 from train.vision import train_modes
 from train.vision import wise_ft
 from tests import trainlib
-from tests.test_reliability import _wait_for_step
+from tests.faults.test_reliability import _wait_for_step
 
 
 def _config(data_dir, **overrides):

@@ -147,7 +147,7 @@ def test_an_8_device_mesh_equals_one_device(monkeypatch):
     import tempfile
     import jax, jax.numpy as jnp, numpy as np
     from tests import llm_helpers
-    from tests.test_llm_train import _batches, _config, _set_up
+    from tests.llm.test_llm_train import _batches, _config, _set_up
     from train.language import scoring
     from train.llm import steps
     from jax.sharding import NamedSharding, PartitionSpec as P

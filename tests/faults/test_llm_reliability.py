@@ -17,7 +17,7 @@ import pytest
 
 from tests import llm_helpers
 from tests import trainlib
-from tests.test_reliability import _wait_for_step  # pylint: disable=g-importing-member
+from tests.faults.test_reliability import _wait_for_step  # pylint: disable=g-importing-member
 from train.core import checkpoints
 from train.core import metrics
 from train.core import workdir_lock

@@ -32,7 +32,7 @@ from train.vision import wise_ft
 from train.vision import pretrained
 from train.vision import zeroshot
 from tests import trainlib
-from tests.test_models_and_weights import _images, _randomize
+from tests.vision.test_models_and_weights import _images, _randomize
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')

@@ -19,7 +19,7 @@ from packaging import utils
 from packaging import version as version_lib
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXTRAS = ('train', 'test', 'docs', 'llm')
 
 

@@ -19,7 +19,7 @@ import zipfile
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Run inside the fresh virtualenv: where spd_optax comes from, that train and
 # configs are not importable, then every doctest of every module.

@@ -19,7 +19,7 @@ from typing import Optional
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The packages checked; another one is one more entry.
 PACKAGES = ['spd_optax', 'train']
