@@ -46,7 +46,7 @@ use when ``config.dataset.tfds_module = 'train.demo.digits_domains'`` and
 
     >>> import tempfile
     >>> import tensorflow_datasets as tfds
-    >>> from train import digits_domains
+    >>> from train.demo import digits_domains
     >>> data_dir = tempfile.mkdtemp()
     >>> digits_domains.build(data_dir, configs=('rotate',))  # ~1 s each.
     >>> ds = tfds.data_source('digits_domains/rotate', split='test',
