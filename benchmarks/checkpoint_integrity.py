@@ -2,7 +2,7 @@
 
     python -m benchmarks.checkpoint_integrity
 
-Times ``train.integrity.fingerprint`` (one jitted pass: checksums and
+Times ``train.core.integrity.fingerprint`` (one jitted pass: checksums and
 finiteness of every leaf) on the tiny config's model and SPD state, next to a
 synchronous Orbax save of the same state, then on 256 MiB of float32 leaves
 to give a cost per GB. Medians of 5 after one warm-up (the compile).
@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import tiny
-from train import checkpoints
-from train import integrity
-from train import model_setup
-from train import optimizers
+from train.core import checkpoints
+from train.core import integrity
+from train.vision import model_setup
+from train.core import optimizers
 
 
 def _median_s(fn, repeats=5) -> float:

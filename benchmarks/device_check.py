@@ -18,7 +18,7 @@ On whatever devices JAX sees, side by side in one process and as ratios to
    a peak, so each optimizer is measured in a process of its own (run side by
    side, before this one touches the device), its shape sets smallest first;
    where the backend has no memory stats the peak is null.
-2. ``vit_train_step``: ``train.finetune.train_step`` of ViT-B/16 at 224 px
+2. ``vit_train_step``: ``train.vision.finetune.train_step`` of ViT-B/16 at 224 px
    with bfloat16 activations (``benchmarks.finetune_throughput``), AdamW, SPD
    and L2-SP: images/s.
 3. ``llm_lora_step``: the LoRA step of ``train.llm`` on a Llama-3-8B-shaped

@@ -3,7 +3,7 @@ r"""Images/s of fine-tuning steps: SPD against AdamW on the same model.
 Run:  python -m benchmarks.finetune_throughput [--model ti/16] [--image-size 112]
       [--dtype bfloat16]
 
-Builds the ViT once per optimizer, with ``train.finetune``'s jitted, donating
+Builds the ViT once per optimizer, with ``train.vision.finetune``'s jitted, donating
 ``train_step`` (forward, backward, gradient clipping, optimizer, diagnostics),
 and times rounds of steps interleaved across the optimizers on the same
 synthetic batch, so that machine noise hits them alike. Prints images/s per
@@ -20,10 +20,10 @@ import numpy as np
 
 from benchmarks import timing
 from configs import common
-from train import finetune
-from train import mesh as mesh_lib
-from train import model_setup
-from train import optimizers
+from train.vision import finetune
+from train.vision import mesh as mesh_lib
+from train.vision import model_setup
+from train.core import optimizers
 
 METHODS = {
     'adamw': {'optimizer.name': 'adamw'},

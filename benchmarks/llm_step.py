@@ -4,7 +4,7 @@ Run:  python -m benchmarks.llm_step [--shapes smoke|llama3_8b] [--batch 4]
       [--micro_batch 2] [--seq 128] [--repeats 10] [--dtype float32]
 
 Builds the model of the given shapes with random weights on every device
-(``train.llm.models.random_init``: nothing is read or downloaded), puts the
+(``train.language.models.random_init``: nothing is read or downloaded), puts the
 commonsense recipe's LoRA on it (rank, alpha, dropout and targets of
 ``configs/commonsense.py``), and times the jitted step of
 ``train.llm.steps`` (forward, backward over the micro-batches, optimizer
@@ -24,10 +24,10 @@ import numpy as np
 from benchmarks import timing
 from benchmarks.llm_shapes import SHAPES
 from configs import commonsense
-from train import optimizers
-from train.llm import families
-from train.llm import mesh as mesh_lib
-from train.llm import models
+from train.core import optimizers
+from train.language import families
+from train.language import mesh as mesh_lib
+from train.language import models
 from train.llm import steps
 
 

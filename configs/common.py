@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Model init, data order and augmentation all derive from it.
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'b/16'  # A key of train.models.MODEL_CONFIGS.
+  config.model.name = 'b/16'  # A key of train.vision.vit.MODEL_CONFIGS.
   config.model.num_classes = 1000  # Size of the (new) head.
   config.model.pool = ''  # 'cls' or 'mean'; '' keeps the variant's default.
   config.model.drop_path_rate = 0.0  # Stochastic depth (0.2 in the paper).
@@ -35,12 +35,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.pretrained.path = ''  # HF folder / .safetensors / .npz; '' = random init.
   config.pretrained.dont_load = ('head',)  # Regexes of params kept fresh.
 
-  config.zeroshot = ml_collections.ConfigDict()  # See train.zeroshot.
+  config.zeroshot = ml_collections.ConfigDict()  # See train.vision.zeroshot_main.
   config.zeroshot.class_names = ''  # File, one name a line; '' = TFDS label names.
   config.zeroshot.templates = CLIP_TEMPLATES  # Prompts; '{}' is the class name.
   config.zeroshot.tokenizer = ''  # tokenizer.json; '' = pretrained.path's.
 
-  config.dataset = ml_collections.ConfigDict()  # See train.input_pipeline.
+  config.dataset = ml_collections.ConfigDict()  # See train.vision.input_pipeline.
   config.dataset.name = ''  # TFDS name, e.g. 'imagenet2012'.
   config.dataset.data_dir = ''  # TFDS data_dir; '' = TFDS's default.
   config.dataset.tfds_module = ''  # Imported first: registers a custom builder.
@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.lp_ft.probe_steps = 0  # Stage 1 of 'lp_ft' (Adam on the head).
   config.lp_ft.probe_learning_rate = 1e-3  # Its peak (warmup + cosine).
 
-  # WiSE-FT (train.wise_ft): at the end of a run, evaluate the weights
+  # WiSE-FT (train.vision.wise_ft_main): at the end of a run, evaluate the weights
   # (1 - alpha) * start + alpha * fine-tuned for each alpha; () = off.
   config.wise_ft = ml_collections.ConfigDict()
   config.wise_ft.alphas = ()

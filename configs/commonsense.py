@@ -57,7 +57,7 @@ def _parse(arg: str) -> tuple[str, str]:
 
 def _optimizer(name: str) -> ml_collections.ConfigDict:
   opt = ml_collections.ConfigDict()
-  opt.name = name  # 'adamw', 'spd' or 'l2sp' (train.optimizers.METHODS).
+  opt.name = name  # 'adamw', 'spd' or 'l2sp' (train.core.optimizers.METHODS).
   opt.learning_rate = 3e-4  # Peak, after warmup (DoRA's LoRA rows).
   opt.warmup_steps = 100  # As the references' Trainer.
   opt.decay = 'linear'  # transformers' default scheduler (to 0 at the end).
@@ -90,7 +90,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.lora.rank = 32  # DoRA's LoRA rows: r = 32.
   config.model.lora.alpha = 64.0  # Scale alpha / rank = 2.
   config.model.lora.dropout = 0.05  # On the adapters' input (PEFT's).
-  # Hugging Face projection names (train.llm.families.PROJECTIONS).
+  # Hugging Face projection names (train.language.families.PROJECTIONS).
   config.model.lora.targets = ('q_proj', 'k_proj', 'v_proj', 'up_proj',
                                'down_proj')
 

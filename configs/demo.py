@@ -6,7 +6,7 @@ r"""The embedded default: the paper's comparison on real digits, on a laptop CPU
 shrunk version for tests; ``configs/demo.py:full_grid`` sweeps every
 regulariser over the whole learning-rate-by-strength grid.) Nothing is
 downloaded: the data are scikit-learn's 1,797 handwritten digits, served
-through TFDS by ``train.digits_domains`` in a clean domain, seven
+through TFDS by ``train.demo.digits_domains`` in a clean domain, seven
 label-preserving shifts the foundation sees without labels (rotate, invert,
 noise, blur, thick strokes, colour, small: "near" OOD) and five it never sees
 (shear, elastic, outline, occlude, clutter: "far" OOD), split by digit into
@@ -25,7 +25,7 @@ each part, and only those:
   digits; their labels are never read. The five far domains are in no
   pre-training data.
 - *A task other than the downstream one*: self-supervised contrastive
-  learning (SimCLR's loss, ``train.contrastive``) whose two views of an image
+  learning (SimCLR's loss, ``train.demo.contrastive``) whose two views of an image
   are one digit rendered in two different domains, so that, like CLIP's
   image-text pairs, it learns what stays the same across renderings. We chose
   it over "another label set" (e.g. parity, or a subset of the classes),
@@ -75,7 +75,7 @@ import ml_collections
 
 from configs import common
 
-# The OOD domains: train.digits_domains.SHIFTS and FAR_SHIFTS (a test checks
+# The OOD domains: train.demo.digits_domains.SHIFTS and FAR_SHIFTS (a test checks
 # they agree; this module imports no training code).
 SHIFTS = ('rotate', 'invert', 'noise', 'blur', 'thick', 'color', 'small')
 FAR_SHIFTS = ('shear', 'elastic', 'outline', 'occlude', 'clutter')
@@ -85,7 +85,7 @@ def _digits_dataset(config: ml_collections.ConfigDict, domain: str,
                     train_split: str) -> None:
   d = config.dataset
   d.name = f'digits_domains/{domain}'
-  d.tfds_module = 'train.digits_domains'  # Registers the builder.
+  d.tfds_module = 'train.demo.digits_domains'  # Registers the builder.
   d.prepare = True  # Built from scikit-learn's digits on first use.
   d.train_split = train_split
   d.val_split = 'validation'
@@ -133,7 +133,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   smoke = arg == 'smoke'
   config = ml_collections.ConfigDict()
   config.data_dir = ''  # TFDS data_dir; '' = WORKDIR/tfds.
-  # Fine-tuning runs trained at once, each in its own process (train.sweep);
+  # Fine-tuning runs trained at once, each in its own process (train.demo.sweep);
   # 0: one per CPU core (at most 4) on CPU, one on an accelerator.
   config.workers = 0
   config.seeds = (0,) if smoke else (0, 1, 2)  # Paired across methods.
@@ -145,7 +145,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.vanilla = 'FT (AdamW)'  # The method the regime is checked against.
   config.linear_probe = 'LP'
 
-  # Stage 1: the foundation, self-supervised (train.contrastive).
+  # Stage 1: the foundation, self-supervised (train.demo.contrastive).
   f = common.base_config()
   f.model.name = 'xs/8'
   _digits_dataset(f, 'mixture', 'pretrain')

@@ -8,7 +8,7 @@ between two whole classifiers.
 
 Zero-shot CLIP (no training; the source domain and the five others)::
 
-    python -m train.zeroshot --config configs/domainnet_clip.py \
+    python -m train.vision.zeroshot_main --config configs/domainnet_clip.py \
         --workdir runs/dn_zeroshot
 
 Fine-tuning, one command per method (another source domain:
@@ -33,7 +33,7 @@ Fine-tuning, one command per method (another source domain:
 (``--config.model.head_init=''`` starts from a zero head instead). WiSE-FT
 from the zero-shot start, on a finished run::
 
-    python -m train.wise_ft --workdir runs/dn_spd --alphas 0,0.25,0.5,0.75,1
+    python -m train.vision.wise_ft_main --workdir runs/dn_spd --alphas 0,0.25,0.5,0.75,1
 
 Data: TFDS ``domainnet`` (six domains, 345 classes), prepared with::
 

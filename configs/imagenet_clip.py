@@ -7,7 +7,7 @@ run is zero-shot CLIP and WiSE-FT interpolates between two whole classifiers.
 
 Zero-shot CLIP (no training; ID and every OOD set; ~68% top-1 on ImageNet)::
 
-    python -m train.zeroshot --config configs/imagenet_clip.py \
+    python -m train.vision.zeroshot_main --config configs/imagenet_clip.py \
         --workdir runs/in1k_zeroshot
 
 Fine-tuning, one command per method (same schedule; each logs the zero-shot
@@ -30,7 +30,7 @@ accuracy at step 0)::
 (``--config.model.head_init=''`` starts from a zero head instead). WiSE-FT
 from the zero-shot start, on a finished run::
 
-    python -m train.wise_ft --workdir runs/in1k_spd --alphas 0,0.25,0.5,0.75,1
+    python -m train.vision.wise_ft_main --workdir runs/in1k_spd --alphas 0,0.25,0.5,0.75,1
 
 or during the run with ``--config.wise_ft.alphas='(0.0,0.5,1.0)'``; alpha 0 is
 zero-shot CLIP, alpha 1 the fine-tuned model.

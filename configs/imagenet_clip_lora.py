@@ -2,7 +2,7 @@ r"""PEFT: LoRA adapters on CLIP ViT-B/16 for ImageNet, with SPD at anchor 0.
 
     python -m train --config configs/imagenet_clip_lora.py --workdir runs/lora
     # Plain LoRA (no SPD):  --config.optimizer.name=adam
-    python -m train.wise_ft --workdir runs/lora   # WiSE-FT from zero-shot
+    python -m train.vision.wise_ft_main --workdir runs/lora   # WiSE-FT from zero-shot
 
 Everything as ``configs/imagenet_clip.py`` (data, weights, OOD sets), but the
 pre-trained weights stay frozen: only rank-16 LoRA factors on every attention

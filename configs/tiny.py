@@ -3,7 +3,7 @@
     python -m train --config configs/tiny.py --workdir /tmp/tiny
 
 Seconds on a laptop CPU. The data are built on first use from scikit-learn's
-handwritten digits (``train.digits_domains``); nothing is downloaded.
+handwritten digits (``train.demo.digits_domains``); nothing is downloaded.
 """
 
 import ml_collections
@@ -17,7 +17,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.name = 'mu/4'
   config.model.num_classes = 10
   config.dataset.name = 'digits_domains/clean'
-  config.dataset.tfds_module = 'train.digits_domains'
+  config.dataset.tfds_module = 'train.demo.digits_domains'
   config.dataset.prepare = True  # Built from scikit-learn on first use.
   config.dataset.train_split = 'train'
   config.dataset.val_split = 'validation'

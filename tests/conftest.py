@@ -1,17 +1,13 @@
-"""Shared pytest setup: make the repository importable without installing."""
-import os
-import sys
+"""Shared pytest fixtures (the repository is importable by pyproject.toml's
+``pythonpath``)."""
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest
 
 
 @pytest.fixture(scope='session')
 def digits_data_dir(tmp_path_factory):
   """The digits_domains sets the tiny config reads, built once per worker."""
-  from train import digits_domains  # pylint: disable=g-import-not-at-top
+  from train.demo import digits_domains  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp('tfds'))
   digits_domains.build(path, configs=('clean', 'rotate', 'invert'))
   return path

@@ -146,7 +146,7 @@ def jax_float64():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from tunix.models.llama3 import model as llama3  # pylint: disable=g-import-not-at-top
   from tunix.models.qwen3 import model as qwen3  # pylint: disable=g-import-not-at-top
-  from train.llm import families  # pylint: disable=g-import-not-at-top
+  from train.language import families  # pylint: disable=g-import-not-at-top
   modules = (llama3, qwen3)
   saved = [m.jnp for m in modules]
   for m in modules:

@@ -7,8 +7,8 @@ import sys
 import jax
 import numpy as np
 
-from train import checkpoints
-from train import metrics
+from train.core import checkpoints
+from train.core import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ('train/images_per_second',)

@@ -3,15 +3,15 @@ r"""Fine-tune a ViT with SPD: ``python -m train --config configs/X.py --workdir 
 Override any config field on the command line, e.g.
 ``--config.optimizer.name=spd --config.optimizer.weight_decay=0.5``. Running
 again with the same workdir resumes from its newest checkpoint; a signal
-saves and exits 0, a full disk ends in one line (``train.command_line``).
+saves and exits 0, a full disk ends in one line (``train.core.command_line``).
 """
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from train import command_line
-from train import finetune
+from train.core import command_line
+from train.vision import finetune
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.')

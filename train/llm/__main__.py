@@ -9,14 +9,14 @@ Override any config field on the command line; running again with the same
 workdir resumes from its newest checkpoint. On a cluster (SLURM, TPU pods, or
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``)
 every process runs this same command. A signal saves and exits 0, a full
-disk ends in one line (``train.command_line``).
+disk ends in one line (``train.core.command_line``).
 """
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from train import command_line
+from train.core import command_line
 from train.llm import loop
 
 FLAGS = flags.FLAGS

@@ -1,16 +1,16 @@
 """Refuses an LLM config whose values make no sense, naming every key.
 
-The ViT recipe's rules (``train.config_checks.RULES``: optimizer, steps,
-checkpoints, ...) apply to the keys the two share; these are the LLM
-recipe's own, one line each, plus how the batch splits over the mesh.
+Every recipe's rules (``train.core.config_checks.RULES``: optimizer, steps,
+checkpoints, ...), then the LLM recipe's own, one line each, plus how the
+batch splits over the mesh.
 """
 
 import ml_collections
 
-from train import config_checks as cc
+from train.core import config_checks as cc
 from train.llm import commonsense
 from train.llm import evaluate
-from train.llm import families
+from train.language import families
 
 
 def _subset_of(allowed: tuple, what: str) -> cc.Where:

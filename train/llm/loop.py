@@ -7,45 +7,38 @@ the data; restore the newest checkpoint; train (the val loss every
 ``eval_every_steps``), checkpointing the adapters and the optimizer state;
 finally evaluate the test sets, write ``result.json`` and print the table.
 
-It keeps the ViT recipe's guarantees (``train.finetune``) with the same pieces:
-the same command resumes exactly (same batches, same dropout keys, adapters
-and optimizer state restored; the base weights are re-read from their files
-and never change); one run per workdir, of one identity
-(``train.workdir_lock``, ``train.run_identity``: a moved workdir or model
-folder resumes); SIGTERM or
-SIGINT saves the current step and stops (``train.preemption``); every saved
-step carries checksums (``train.checkpoints``) and none holds a NaN; a NaN
+It stands on the loop skeleton (``train.core.loop``) as the ViT recipe does,
+and keeps the same guarantees: the same command resumes exactly (same
+batches, same dropout keys, adapters and optimizer state restored; the base
+weights are re-read from their files and never change); one run per workdir,
+of one identity (``train.core.run_identity``: a moved workdir or model folder
+resumes); SIGTERM or SIGINT saves the current step and stops; every saved step
+carries checksums (``train.core.checkpoints``) and none holds a NaN; a NaN
 loss stops the run before any checkpoint after it.
 """
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any, Iterator
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import transformers
 
-from train import checkpoints
-from train import files
-from train import metrics as metrics_lib
-from train import optimizers
-from train import preemption as preemption_lib
-from train import run_identity
-from train import workdir_lock
+from train.core import files
+from train.core import loop
+from train.core import optimizers
+from train.core import run_identity
+from train.language import families
+from train.language import mesh as mesh_lib
+from train.language import models
+from train.language import scoring
 from train.llm import checks
 from train.llm import data
 from train.llm import evaluate
-from train.llm import families
-from train.llm import mesh as mesh_lib
-from train.llm import models
-from train.llm import scoring
 from train.llm import smoke
 from train.llm import steps
 
@@ -64,7 +57,7 @@ MODEL_FILES = ('*.safetensors', 'config.json', 'tokenizer*', '*.model',
 
 def _identity(config: ml_collections.ConfigDict, model_dir: str,
               data_dir: str) -> dict:
-  """The run's identity (``train.run_identity``): its config, with the model
+  """The run's identity (``train.core.run_identity``): its config, with the model
   and data folders replaced by what they hold (the model's files and the
   data files read, by SHA-256), so a moved workdir or folder resumes."""
   data_files = [config.data.train_file] + [
@@ -144,15 +137,6 @@ def _set_up(config, mesh, model_dir: str, data_dir: str) -> Run:
                      pad_id=tokenizer.eos_token_id if pad is None else pad))
 
 
-def _restore(run: Run, ckpt: checkpoints.Checkpointer) -> int:
-  restored = ckpt.restore_latest(run.lora, run.opt_state)
-  if restored is None:
-    return 0
-  step, run.lora, run.opt_state, _ = restored
-  logging.info('Resumed from step %d', step)
-  return step
-
-
 # -- Training -----------------------------------------------------------------
 
 def _shard_batch(batch: dict, run: Run) -> dict:
@@ -185,90 +169,31 @@ def _val_loss(run: Run) -> dict[str, float]:
   return {'val/loss': total / max(count, 1.0)}
 
 
-def _check_finite(out: dict, step: int, config) -> None:
-  loss, grad_norm = out['train/loss'], out['train/grad_norm']
-  if config.optimizer.skip_nonfinite or (np.isfinite(loss)
-                                         and np.isfinite(grad_norm)):
-    return
-  raise FloatingPointError(
-      f'Loss is {loss} and gradient norm {grad_norm} at step {step}; the'
-      ' newest checkpoint is from before it. Lower'
-      ' config.optimizer.learning_rate, or set'
-      ' config.optimizer.skip_nonfinite=True to skip such steps.')
-
-
-def _is_eval_step(step: int, config) -> bool:
-  return step % config.eval_every_steps == 0 or step == config.num_train_steps
-
-
-def _eval_pending(step: int, config, writer) -> bool:
-  """Whether ``step`` was saved but its val loss not logged (preempted)."""
-  pending = (step > 0 and _is_eval_step(step, config)
-             and not writer.has_row(step, 'val/'))
-  return bool(multihost_utils.broadcast_one_to_all(np.bool_(pending)))
-
-
-@dataclasses.dataclass
-class _Clock:
-  """Tokens per second over the steps since the last log."""
-  start: float = dataclasses.field(default_factory=time.perf_counter)
-  tokens: int = 0
-
-  def rate(self) -> float:
-    now, tokens, start = time.perf_counter(), self.tokens, self.start
-    self.start, self.tokens = now, 0
-    return tokens / max(now - start, 1e-9)
-
-
-def _after_step(run, step, out, *, last_step, stop, ckpt, writer, clock):
-  """Logs, saves and evaluates what ``step`` calls for."""
+def _steps(run: Run, start_step: int, session: loop.Session) -> loop.Steps:
+  """The skeleton's view of this run: its step, save and evaluation."""
   config = run.config
-  is_log = step % config.log_every_steps == 0 or step == config.num_train_steps
-  is_save = (step % config.checkpoint_every_steps == 0 or step == last_step
-             or stop)
-  if is_log or is_save:  # No checkpoint may hold NaNs.
-    out = jax.device_get(out)
-    _check_finite(out, step, config)
-  if is_log:
-    out['train/learning_rate'] = float(
-        optimizers.learning_rate_schedule(config)(step - 1))
-    out['train/tokens_per_second'] = clock.rate()
-    writer.write(step, out)
-  if is_save:  # Before evaluating: a crash there loses no training.
-    ckpt.save(step, run.lora, run.opt_state, {'step': step})
-  if not stop and _is_eval_step(step, config):
-    writer.write(step, _val_loss(run))
-
-
-def _train(run: Run, start_step: int, *, ckpt, writer, preemption) -> int:
-  """Steps ``start_step + 1 ..``; returns the last step done."""
-  config = run.config
-  last_step = config.num_train_steps
-  if config.max_steps_per_run > 0:
-    last_step = min(last_step, start_step + config.max_steps_per_run)
-  if _eval_pending(start_step, config, writer):
-    writer.write(start_step, _val_loss(run))
   batches: Iterator[dict] = data.train_batches(
       run.train_rows, run.tokenizer, batch_size=config.batch_size,
       seq_len=config.data.cutoff_len, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count(),
       train_on_inputs=config.data.train_on_inputs)
-  root_key = jax.random.key(config.seed + 1)
-  clock, step = _Clock(), start_step
-  for step in range(start_step + 1, last_step + 1):
+  lr = optimizers.learning_rate_schedule(config)
+
+  def step(unused_step, key):
     batch = next(batches)
-    clock.tokens += int(np.sum(batch['attention_mask'])) * jax.process_count()
+    tokens = int(np.sum(batch['attention_mask'])) * jax.process_count()
     run.lora, run.opt_state, out = run.train_step(
         run.lora, run.opt_state, run.adapted.base, _shard_batch(batch, run),
-        jax.random.fold_in(root_key, step))
-    stop = preemption.reached(step)
-    _after_step(run, step, out, last_step=last_step, stop=stop, ckpt=ckpt,
-                writer=writer, clock=clock)
-    if stop:  # The workdir's ExitStack waits for the save, closes the log.
-      raise preemption_lib.Preempted(
-          f'Stopped by {preemption.signal_name} after step {step}; run the'
-          ' same command to resume.')
-  return step
+        key)
+    return out, tokens
+
+  def save(step):
+    session.checkpointer.save(step, run.lora, run.opt_state, {'step': step})
+
+  return loop.Steps(
+      step=step, save=save, evaluate=lambda: _val_loss(run),
+      learning_rate=lambda s: float(lr(s - 1)), eval_prefix='val/',
+      rate_key='train/tokens_per_second')
 
 
 # -- The end ------------------------------------------------------------------
@@ -291,15 +216,14 @@ def _final_results(run: Run, workdir: str, writer) -> dict[str, float]:
   return results
 
 
-def _print_table(results: dict[str, float]) -> None:
-  if jax.process_index() != 0 or not results:
-    return
+def _table(results: dict[str, float]) -> tuple[list[list], list[str]]:
+  """The final table: one row per set, one column per evaluation mode."""
   modes = sorted({k.split('/')[1] for k in results})
   names = sorted({k.split('/')[2] for k in results},
                  key=lambda n: (n == 'mean', n))
   rows = [[n] + [results.get(f'eval/{m}/{n}', float('nan')) for m in modes]
           for n in names]
-  print(metrics_lib.format_table(rows, ['set'] + [f'{m} %' for m in modes]))
+  return rows, ['set'] + [f'{m} %' for m in modes]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -308,34 +232,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Refuses a nonsensical config before any work, and a workdir another run
   holds or that holds another config's run. SIGTERM / SIGINT save the
-  current step, then raise ``train.preemption.Preempted``.
+  current step, then raise ``train.core.preemption.Preempted``.
   """
   checks.check(config, num_devices=jax.device_count())
   workdir = os.path.abspath(workdir)
-  with contextlib.ExitStack() as cleanup:
-    cleanup.enter_context(workdir_lock.WorkdirLock(workdir))
-    preemption = cleanup.enter_context(preemption_lib.Preemption())
+  mesh = mesh_lib.make_mesh(config)
+  with loop.session(config, workdir, mesh) as session:
     model_dir, data_dir = _inputs(config, workdir)
     run_identity.claim_workdir(
         workdir, config, ident=_identity(config, model_dir, data_dir),
         resumable=RESUMABLE)
-    mesh = mesh_lib.make_mesh(config)
-    with jax.set_mesh(mesh):
-      run = _set_up(config, mesh, model_dir, data_dir)
-      ckpt = cleanup.enter_context(checkpoints.Checkpointer(
-          os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
-          async_save=config.async_checkpointing))
-      start_step = _restore(run, ckpt)
-      writer = metrics_lib.MetricWriter(workdir)
-      cleanup.callback(writer.close)
-      writer.truncate_after(start_step)
-      step = _train(run, start_step, ckpt=ckpt, writer=writer,
-                    preemption=preemption)
-      if step < config.num_train_steps:
-        logging.info('Stopped after step %d (config.max_steps_per_run); run'
-                     ' the same command to continue.', step)
-        return {}
-      ckpt.wait()
-      results = _final_results(run, workdir, writer)
-  _print_table(results)
+    run = _set_up(config, mesh, model_dir, data_dir)
+    session.open_store()
+    start_step = session.restore((run.lora, run.opt_state),
+                                 lambda *s: _restored(run, *s))
+    schedule = loop.Schedule.of(config, start_step,
+                                total_steps=config.num_train_steps)
+    session.train(_steps(run, start_step, session), schedule, start_step)
+    if not session.finished(schedule):
+      return {}
+    session.checkpointer.wait()
+    results = _final_results(run, workdir, session.writer)
+  if results:
+    loop.print_table(*_table(results))
   return results
+
+
+def _restored(run: Run, lora: Any, opt_state: Any) -> None:
+  run.lora, run.opt_state = lora, opt_state

@@ -19,7 +19,7 @@ import safetensors.numpy
 import tokenizers
 import transformers
 
-from train import files
+from train.core import files
 from train.llm import commonsense
 from train.llm import data
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 import spd_optax
-from train.llm import models
+from train.language import models
 
 
 def token_losses(model, batch) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,186 @@
+"""The optimizer of a fine-tuning run, built from ``config.optimizer``.
+
+Every method the paper compares is one name away, on the same schedule and
+clipping, so that ablations differ in one line of config:
+
+- ``adam``: no decay.
+- ``adamw``: decoupled decay towards 0 (``weight_decay`` scaled by the lr, as
+  in optax).
+- ``l2sp``: Adam on the loss plus ``lambda/2 ||theta - theta0||^2``.
+- ``spd``: Adam-SPD. Full fine-tuning anchors at the weights the optimizer is
+  built from (the loaded pre-trained weights); with LoRA the anchor is zero.
+- ``projection``: the paper's ablation, SPD's projection applied to every
+  layer at every step (no selection), around the same Adam.
+- ``ftp``: FTP (the same authors' trainable projection, NeurIPS 2023) around
+  Adam: ``weight_decay`` is then FTP's ``k`` in [0, 1] (1 the strongest), and
+  each output unit of a kernel is one of its rows, as in the authors' PyTorch
+  layout. It anchors at the weights it is built from, LoRA adapters too.
+
+The peak learning rate and ``weight_decay`` are injected hyperparameters
+(``optax.inject_hyperparams``): they live in the optimizer state as arrays,
+so runs that differ only in them (a sweep) compile to the same program, and
+:func:`keyed_by_config` lets such runs in one process reuse one compiled step.
+
+A new head has no pre-trained weights to return to: ``decay_head=False``
+leaves it out of L2-SP, SPD and FTP (plain Adam), as the paper's code would
+need a mask for.
+"""
+
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+import spd_optax
+
+METHODS = ('adam', 'adamw', 'l2sp', 'spd', 'projection', 'ftp')
+
+
+def schedule_shape(warmup_steps: int, num_steps: int,
+                   decay: str = 'cosine') -> optax.Schedule:
+  """Linear warmup from 0 to 1, then cosine (or ``decay='linear'``, as
+  ``transformers``' default scheduler) decay to 0 at ``num_steps``."""
+  warmup = min(warmup_steps, max(num_steps - 1, 0))
+  if decay == 'linear':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, 1.0, warmup),
+         optax.linear_schedule(1.0, 0.0, max(num_steps - warmup, 1))],
+        [warmup])
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=1.0,
+      warmup_steps=warmup,
+      decay_steps=max(num_steps, 1),
+      end_value=0.0,
+  )
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to ``learning_rate``, then cosine decay to 0."""
+  opt = config.optimizer
+  shape = schedule_shape(opt.warmup_steps, config.num_train_steps,
+                         opt.get('decay', 'cosine'))
+  return lambda count: opt.learning_rate * shape(count)
+
+
+def not_head_mask(params: Any) -> Any:
+  """True for every leaf except those under a ``head`` attribute."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'head' not in jax.tree_util.keystr(path), params
+  )
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, *, lora: bool
+) -> optax.GradientTransformation:
+  """Builds the transformation named by ``config.optimizer.name``.
+
+  Args:
+    config: the run's config, checked (``train.core.config_checks``); reads
+      ``optimizer.*`` (``optimizer.decay``: 'cosine' when absent, or
+      'linear') and ``num_train_steps``.
+    lora: whether the trained params are LoRA adapters (plus a head): SPD and
+      L2-SP then anchor at zero.
+
+  Returns:
+    An optax transformation; gradient clipping comes first, and
+    ``optax.apply_if_finite`` wraps it all when ``skip_nonfinite`` is set.
+  """
+  opt = config.optimizer
+  shape = schedule_shape(opt.warmup_steps, config.num_train_steps,
+                         opt.get('decay', 'cosine'))
+  clip = (
+      [optax.clip_by_global_norm(opt.grad_clip_norm)]
+      if opt.grad_clip_norm
+      else []
+  )
+
+  def build(learning_rate, weight_decay):
+    # learning_rate and weight_decay arrive as arrays (injected).
+    schedule = lambda count: learning_rate * shape(count)
+    return optax.chain(*clip, _method(opt, schedule, weight_decay, lora))
+
+  tx = optax.inject_hyperparams(build)(
+      learning_rate=opt.learning_rate, weight_decay=opt.weight_decay)
+  if opt.skip_nonfinite:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_nonfinite)
+  return tx
+
+
+def _method(opt, schedule, weight_decay, lora: bool):
+  """The unclipped transformation of ``opt.name``."""
+  adam_kwargs = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  anchored = dict(
+      anchor='zeros' if lora else 'params',
+      mask=None if opt.decay_head else not_head_mask,
+      anchor_dtype=opt.anchor_dtype or None,
+  )
+  if opt.name == 'adam':
+    return optax.adam(schedule, **adam_kwargs)
+  if opt.name == 'adamw':
+    return optax.adamw(schedule, weight_decay=weight_decay, **adam_kwargs)
+  if opt.name == 'l2sp':
+    return optax.chain(spd_optax.l2sp(weight_decay, **anchored),
+                       optax.adam(schedule, **adam_kwargs))
+  if opt.name == 'ftp':
+    # The authors' AdamP with their default decay (none); a Flax kernel is
+    # (..., in, out), so its output units, PyTorch's rows, are its last axis.
+    # LoRA adapters are anchored where they start too: around zero, FTP's
+    # first step (radius 1e-8) would collapse the random A onto 0.
+    return spd_optax.adamftp(schedule, k=weight_decay, row_axis='last',
+                             **{**anchored, 'anchor': 'params'},
+                             **adam_kwargs)
+  if opt.name == 'projection':
+    return spd_optax.projection_decay(
+        optax.adam(schedule, **adam_kwargs), weight_decay, **anchored)
+  # spd. Clipping rescales the gradient by a positive factor, which leaves
+  # SPD's test, the sign of <g, theta - theta0>, unchanged: it may come
+  # first, and SPD then wraps Adam alone (adamspd's leaf-by-leaf path).
+  return spd_optax.adamspd(schedule, weight_decay=weight_decay, **anchored,
+                           **adam_kwargs)
+
+
+_INJECTED = ('learning_rate', 'weight_decay')
+
+
+class KeyedTransformation(optax.GradientTransformationExtraArgs):
+  """A transformation that compares equal by a key, to share compiled steps.
+
+  ``nnx.Optimizer`` keeps its transformation in the graph definition, which
+  keys ``nnx.jit``'s cache: two runs of a sweep would trace and compile the
+  same step twice. Their updates differ only in the injected values, which
+  are read from the state, so equality compares ``key`` (the config without
+  them) instead of the functions' identities.
+  """
+
+  key: str
+
+  def __eq__(self, other):
+    return type(other) is KeyedTransformation and self.key == other.key
+
+  def __hash__(self):
+    return hash(self.key)
+
+
+def keyed_by_config(tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, *,
+                    lora: bool) -> KeyedTransformation:
+  """``tx``, equal to the transformation of any config that differs from
+  ``config`` only in ``optimizer.learning_rate`` and ``weight_decay``.
+
+  Args:
+    tx: built from ``config`` (its ``optimizer``, ``num_train_steps``,
+      ``train_mode`` and ``lp_ft``) and ``lora`` only.
+    config: the run's config.
+    lora: as given to :func:`make_optimizer`.
+  """
+  opt = {k: v for k, v in json.loads(config.optimizer.to_json()).items()
+         if k not in _INJECTED}
+  key = json.dumps([opt, config.num_train_steps, config.get('train_mode'),
+                    json.loads(config.lp_ft.to_json()) if 'lp_ft' in config
+                    else None, lora], sort_keys=True)
+  out = KeyedTransformation(tx.init, tx.update)
+  out.key = key
+  return out
