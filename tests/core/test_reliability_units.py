@@ -170,11 +170,11 @@ def test_ftp_k_is_checked_in_the_unit_interval():
   config = tiny.get_config()
   config.optimizer.name = 'ftp'
   config.optimizer.weight_decay = 1.5  # Fine for SPD; FTP's k is in [0, 1].
-  assert config_checks.problems(config, num_devices=1) == [
+  assert checks.problems(config, num_devices=1) == [
       "config.optimizer.weight_decay=1.5: with optimizer.name=ftp it is FTP's"
       ' k and must be in [0, 1]']
   config.optimizer.weight_decay = 0.5
-  assert config_checks.problems(config, num_devices=1) == []
+  assert checks.problems(config, num_devices=1) == []
 
 
 def test_every_shipped_config_passes_the_checks():
