@@ -2,7 +2,7 @@
 own behaviour: the first step, rows, masks, k, inject_hyperparams, anchors.
 
 optax's checklist for contributed optimizers runs over FTP in
-tests/test_spd_optax_citizenship.py (its FACTORIES), and on a mesh below.
+tests/spd_optax/test_spd_optax_citizenship.py (its FACTORIES), and on a mesh below.
 """
 
 import functools
