@@ -18,6 +18,22 @@ from train.demo import digits_domains
 from tests import trainlib
 
 
+@pytest.mark.slow
+def test_the_main_command_finds_its_embedded_default_config(tmp_path):
+  """``python -m train.demo`` with no --config, as the README runs it, from
+  another folder: its default config loads, and a workdir that is a file is
+  refused, naming it, before any work."""
+  (tmp_path / 'a_file').write_text('')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'train.demo', '--workdir',
+       str(tmp_path / 'a_file')], cwd=tmp_path, capture_output=True,
+      text=True, env={**trainlib.env_with_devices(1),
+                      'PYTHONPATH': trainlib.REPO}, timeout=300)
+  assert proc.returncode != 0
+  assert f'--workdir {tmp_path / "a_file"} is a file, not a folder' in (
+      proc.stderr), proc.stderr[-2000:]
+
+
 def test_demo_config_is_data_and_names_the_real_shifts():
   proc = subprocess.run(
       [sys.executable, '-c', 'import sys, configs.demo as d; d.get_config();'

@@ -22,9 +22,9 @@ from ml_collections import config_flags
 from train.demo import comparison
 from train.core import preemption
 
-_DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-    'demo.py')
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))  # train/demo/__main__.py -> the checkout.
+_DEFAULT_CONFIG = os.path.join(_REPO, 'configs', 'demo.py')
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/demo', 'Where everything is written.')
 config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
@@ -35,6 +35,8 @@ config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    raise app.UsageError(f'--workdir {FLAGS.workdir} is a file, not a folder')
   logging.set_verbosity(logging.WARNING)  # The progress bars say enough.
   try:
     comparison.run_comparison(FLAGS.config, FLAGS.workdir)
