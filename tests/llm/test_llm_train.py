@@ -141,6 +141,7 @@ def test_bfloat16_compute_keeps_adapters_and_optimizer_state_float32(folder):
   assert abs(float(out['train/loss']) - total / count) < 1e-2 * total / count
 
 
+@pytest.mark.slow  # An 8-device snippet: a process of its own.
 def test_an_8_device_mesh_equals_one_device(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', llm_helpers.FAST_COMPILE)
   multidevice.run_with_devices('''
