@@ -357,30 +357,13 @@ with jax.set_mesh(mesh):
       for tree in (state.anchor, state.prev_move, state.inner_state[0].mu):
         assert tree[k].sharding.is_equivalent_to(
             params[k].sharding, params[k].ndim), (k, tree[k].sharding)
-  step = jax.jit(lambda g, s, p: opt.update(g, s, p))
-  state, p = jitted, params
-  before = jax.tree.map(jax.typeof, state)
-  for t in range(12):
-    updates, state = step(grads_at(t, p), state, p)
-    p = optax.apply_updates(p, updates)
-  after = jax.tree.map(jax.typeof, state)
-  assert before == after, (before, after)
-  for k in params:
-    assert p[k].sharding.is_equivalent_to(params[k].sharding, params[k].ndim)
+  p, state = run_steps(opt, jitted, params)
   state = spd_optax.set_anchor(state, params)
   for k in params:
     assert state.anchor[k].sharding.is_equivalent_to(
         params[k].sharding, params[k].ndim)
 
-single = jax.devices()[0]
-p1 = jax.tree.map(lambda x: jax.device_put(np.asarray(x), single), params)
-s1 = opt.init(p1)
-for t in range(12):
-  u, s1 = jax.jit(opt.update)(grads_at(t, p1), s1, p1)
-  p1 = optax.apply_updates(p1, u)
-for k in params:
-  np.testing.assert_allclose(np.asarray(p[k]), np.asarray(p1[k]), rtol=1e-5,
-                             atol=1e-6)
+assert_equals_one_device(opt, params, p)
 print('OK')
 """)
   assert 'OK' in out

@@ -23,6 +23,32 @@ def grads_at(t, params):
 
 def sharding_tree(tree):
   return jax.tree.map(lambda x: x.sharding, tree)
+
+def run_steps(opt, state, params, steps=12):
+  # `steps` jitted updates on the mesh: the state's types (shardings
+  # included) and the params' shardings unchanged. Returns (params, state).
+  step = jax.jit(lambda g, s, p: opt.update(g, s, p))
+  before, p = jax.tree.map(jax.typeof, state), params
+  for t in range(steps):
+    updates, state = step(grads_at(t, p), state, p)
+    p = optax.apply_updates(p, updates)
+  after = jax.tree.map(jax.typeof, state)
+  assert before == after, (before, after)
+  for k in params:
+    assert p[k].sharding.is_equivalent_to(params[k].sharding, params[k].ndim)
+  return p, state
+
+def assert_equals_one_device(opt, params, p, steps=12):
+  # The same `steps` on one device end where the mesh's run ended (p).
+  single = jax.devices()[0]
+  p1 = jax.tree.map(lambda x: jax.device_put(np.asarray(x), single), params)
+  s1 = opt.init(p1)
+  for t in range(steps):
+    u, s1 = jax.jit(opt.update)(grads_at(t, p1), s1, p1)
+    p1 = optax.apply_updates(p1, u)
+  for k in params:
+    np.testing.assert_allclose(np.asarray(p[k]), np.asarray(p1[k]),
+                               rtol=1e-5, atol=1e-6)
 """
 
 
@@ -41,27 +67,9 @@ with jax.set_mesh(mesh):
     for k in params:
       assert state.anchor[k].sharding.is_equivalent_to(
           params[k].sharding, params[k].ndim), (k, state.anchor[k].sharding)
-  step = jax.jit(lambda g, s, p: opt.update(g, s, p))
-  state, p = jitted, params
-  before = jax.tree.map(jax.typeof, state)
-  for t in range(12):
-    updates, state = step(grads_at(t, p), state, p)
-    p = optax.apply_updates(p, updates)
-  after = jax.tree.map(jax.typeof, state)
-  assert before == after, (before, after)
-  for k in params:
-    assert p[k].sharding.is_equivalent_to(params[k].sharding, params[k].ndim)
+  p, state = run_steps(opt, jitted, params)
 
-# The same steps on one device.
-single = jax.devices()[0]
-p1 = jax.tree.map(lambda x: jax.device_put(np.asarray(x), single), params)
-s1 = opt.init(p1)
-for t in range(12):
-  u, s1 = jax.jit(opt.update)(grads_at(t, p1), s1, p1)
-  p1 = optax.apply_updates(p1, u)
-for k in params:
-  np.testing.assert_allclose(np.asarray(p[k]), np.asarray(p1[k]), rtol=1e-5,
-                             atol=1e-6)
+assert_equals_one_device(opt, params, p)
 fired = int(sum(np.sum(x) for x in jax.tree.leaves(state.diagnostics.num_projected)))
 assert fired > 0, fired
 print('OK fired', fired)
