@@ -51,6 +51,19 @@ def final_state(workdir):
   return saved['model'], saved['optimizer'], rows
 
 
+def assert_same_run(workdir_a, workdir_b, *, rows=True,
+                    state_of=final_state):
+  """Two finished runs bit for bit: model (or adapters), optimizer state
+  (anchors included) and, unless ``rows=False``, the logged metrics.
+  ``state_of``: the recipe's :func:`final_state`."""
+  model_a, opt_a, rows_a = state_of(workdir_a)
+  model_b, opt_b, rows_b = state_of(workdir_b)
+  assert_trees_equal(model_a, model_b)
+  assert_trees_equal(opt_a, opt_b)
+  if rows:
+    assert_rows_equal(rows_a, rows_b)
+
+
 def assert_trees_equal(a, b, *, rtol=0.0, atol=0.0, skip=None):
   """Every leaf equal within tolerance; the message lists all that are not.
 

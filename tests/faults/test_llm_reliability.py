@@ -60,11 +60,8 @@ def whole(shared, cache):
 
 
 def _assert_same_run(workdir_a, workdir_b):
-  lora_a, opt_a, rows_a = llm_helpers.final_state(workdir_a)
-  lora_b, opt_b, rows_b = llm_helpers.final_state(workdir_b)
-  trainlib.assert_trees_equal(lora_a, lora_b)  # Bit for bit.
-  trainlib.assert_trees_equal(opt_a, opt_b)
-  trainlib.assert_rows_equal(rows_a, rows_b)  # Val loss and accuracies too.
+  trainlib.assert_same_run(workdir_a, workdir_b,
+                           state_of=llm_helpers.final_state)
 
 
 def test_sigkill_then_the_same_command_resumes_exactly(whole, cache,

@@ -81,11 +81,7 @@ def test_sigkill_then_same_command_resumes_exactly(digits_data_dir, long_run,
   assert 'Resumed from step' in result.stderr
   # The killed run's lock is recognised as stale and taken over.
   assert 'Took over the lock of a run that is no longer alive' in result.stderr
-  model_a, opt_a, rows_a = trainlib.final_state(whole)
-  model_b, opt_b, rows_b = trainlib.final_state(killed)
-  trainlib.assert_trees_equal(model_a, model_b)
-  trainlib.assert_trees_equal(opt_a, opt_b)  # Anchors included.
-  trainlib.assert_rows_equal(rows_a, rows_b)  # Logged metrics too.
+  trainlib.assert_same_run(whole, killed)
 
 
 def _truncate_largest_file(step_dir):
@@ -116,11 +112,7 @@ def test_sigterm_or_sigint_saves_the_step_and_resumes_exactly(
     return  # The same path as SIGTERM from here on.
   result = trainlib.run_train(stopped, digits_data_dir, *LONG)
   assert f'Resumed from step {saved[-1]}' in result.stderr
-  model_a, opt_a, rows_a = trainlib.final_state(long_run)
-  model_b, opt_b, rows_b = trainlib.final_state(stopped)
-  trainlib.assert_trees_equal(model_a, model_b)
-  trainlib.assert_trees_equal(opt_a, opt_b)
-  trainlib.assert_rows_equal(rows_a, rows_b)
+  trainlib.assert_same_run(long_run, stopped)
 
 
 def test_a_moved_workdir_resumes_exactly_with_its_data_elsewhere(
@@ -134,11 +126,7 @@ def test_a_moved_workdir_resumes_exactly_with_its_data_elsewhere(
   shutil.rmtree(first)  # The old place is gone.
   result = trainlib.run_train(moved, data)
   assert 'Resumed from step 4' in result.stderr
-  model_a, opt_a, rows_a = trainlib.final_state(tiny_run)
-  model_b, opt_b, rows_b = trainlib.final_state(moved)
-  trainlib.assert_trees_equal(model_a, model_b)
-  trainlib.assert_trees_equal(opt_a, opt_b)
-  trainlib.assert_rows_equal(rows_a, rows_b)
+  trainlib.assert_same_run(tiny_run, moved)
 
 
 def test_the_same_command_twice_is_refused_naming_the_holder(
@@ -187,10 +175,7 @@ def test_damaged_newest_checkpoint_falls_back_and_is_kept(digits_data_dir,
   assert 'step(s) [6] cannot be read' in result.stderr
   assert len(glob.glob(os.path.join(ckpt_dir, 'damaged_step_6_*'))) == 1
   # Steps 4-6 were trained again, exactly as before.
-  model_a, opt_a, _ = trainlib.final_state(whole)
-  model_b, opt_b, _ = trainlib.final_state(damaged)
-  trainlib.assert_trees_equal(model_a, model_b)
-  trainlib.assert_trees_equal(opt_a, opt_b)
+  trainlib.assert_same_run(whole, damaged, rows=False)
 
 
 def _free_port():
