@@ -1,0 +1,1 @@
+"""Semantic segmentation with SPD: Swin + UperNet on PASCAL-Context."""
