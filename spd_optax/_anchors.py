@@ -132,11 +132,21 @@ def _anchor_leaves_like(
   return anchor_leaves
 
 
-def anchor_leaves(anchor: Any, zero_anchor: bool, num_leaves: int) -> list:
-  """The stored anchor's leaves (MaskedNode kept), or Nones for a zero anchor."""
+def anchor_leaves(anchor: Any, zero_anchor: bool, num_leaves: int,
+                  params: Any = None) -> list:
+  """The stored anchor's leaves (MaskedNode kept), or Nones for a zero anchor.
+
+  Aligned with ``jax.tree.leaves(params)``: inside ``optax.partition`` (or
+  ``optax.masked``) the params hold ``MaskedNode`` where another
+  transformation's leaves are, which have no leaf there but do in the
+  anchor (built from the same masked params); given ``params``, those
+  entries are dropped, wherever they come in the tree's order.
+  """
   if zero_anchor:
     return [None] * num_leaves
-  return jax.tree.leaves(anchor, is_leaf=_masks.is_masked_node)
+  if params is None:
+    return jax.tree.leaves(anchor, is_leaf=_masks.is_masked_node)
+  return _masks.leaves_aligned(anchor, params)
 
 
 def set_anchor_tree(old_anchor: Any, new_anchor: Any, what: str) -> Any:

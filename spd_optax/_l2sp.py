@@ -83,7 +83,7 @@ def l2sp(
     update_leaves, treedef = jax.tree.flatten(updates)
     param_leaves = jax.tree.leaves(params)
     anchor_leaves = _anchors.anchor_leaves(state.anchor, zero_anchor,
-                                           len(param_leaves))
+                                           len(param_leaves), params)
     out = []
     for g, p, a, sel in zip(update_leaves, param_leaves, anchor_leaves, selected):
       if not sel:

@@ -39,6 +39,22 @@ def is_masked_node(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
 
 
+def leaves_aligned(tree: Any, params: Any) -> list:
+  """``tree``'s leaves (``MaskedNode`` kept), one per leaf of ``params``.
+
+  ``tree`` has the structure of ``params`` with ``MaskedNode`` for the
+  leaves a transformation does not act on. Inside ``optax.partition`` (or
+  ``optax.masked``) ``params`` itself holds ``MaskedNode`` where another
+  transformation's leaves are: no leaf of ``params``, but an entry of
+  ``tree``'s; those entries are dropped, wherever they come in the order.
+  """
+  leaves = jax.tree.leaves(tree, is_leaf=is_masked_node)
+  nodes = jax.tree.leaves(params, is_leaf=is_masked_node)
+  if len(nodes) != len(leaves):
+    return leaves
+  return [x for x, p in zip(leaves, nodes) if not is_masked_node(p)]
+
+
 def leaves_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
   """Flattens ``tree`` into (path strings, leaves, treedef).
 

@@ -118,13 +118,14 @@ def _diagnostics(
     leaves: list[_projection.LeafProjection],
     previous: ProjectionDiagnostics,
     treedef: Any,
+    params: Any,
 ) -> ProjectionDiagnostics:
   """This step's :class:`ProjectionDiagnostics`, counting on from ``previous``."""
   counts = [
       old if _masks.is_masked_node(leaf.projected)
       else old + leaf.projected.astype(jnp.int32)
-      for leaf, old in zip(leaves, jax.tree.leaves(
-          previous.num_projected, is_leaf=_masks.is_masked_node))
+      for leaf, old in zip(leaves, _masks.leaves_aligned(
+          previous.num_projected, params))
   ]
   field = lambda name: treedef.unflatten([getattr(x, name) for x in leaves])
   return ProjectionDiagnostics(
@@ -203,7 +204,7 @@ def _anchored_projection(
     grad_leaves, treedef = jax.tree.flatten(updates)
     param_leaves = jax.tree.leaves(params)
     anchors = _anchors.anchor_leaves(state.anchor, zero_anchor,
-                                     len(param_leaves))
+                                     len(param_leaves), params)
     inner_step = inner_updates(
         inner, updates, state.inner_state, params, extra_args)
     chain = _leafwise.LeafChain(grad_leaves)
@@ -224,7 +225,7 @@ def _anchored_projection(
         count=optax.safe_increment(state.count),
         inner_state=inner_step.new_state(),
         anchor=state.anchor,
-        diagnostics=_diagnostics(leaves, state.diagnostics, treedef),
+        diagnostics=_diagnostics(leaves, state.diagnostics, treedef, params),
     )
     return treedef.unflatten([x.update for x in leaves]), new_state
 

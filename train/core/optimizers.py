@@ -184,3 +184,60 @@ def keyed_by_config(tx: optax.GradientTransformation,
   out = KeyedTransformation(tx.init, tx.update)
   out.key = key
   return out
+
+
+def top_level_labels(backbone: str = 'backbone'):
+  """``params -> labels``: ``'backbone'`` for every leaf under the top-level
+  key ``backbone``, ``'head'`` for every other leaf (a new decoder)."""
+
+  def labels(params):
+    def label(path, _):
+      first = path[0]
+      name = getattr(first, 'key', getattr(first, 'name', None))
+      return 'backbone' if name == backbone else 'head'
+    return jax.tree_util.tree_map_with_path(label, params)
+
+  return labels
+
+
+def make_backbone_and_head_optimizer(
+    config: ml_collections.ConfigDict, *, backbone: str = 'backbone',
+    frozen_backbone: bool = False) -> optax.GradientTransformation:
+  """``config.optimizer.name`` on ``params[backbone]``, AdamW on the rest.
+
+  The head-and-backbone composition (``optax.partition``): a pre-trained
+  backbone takes the method (SPD, L2-SP, the projection ablation, AdamW...,
+  anchored at the weights its state is set to), and a new decoder, which has
+  nothing to return to, takes plain AdamW with ``optimizer.head_weight_decay``
+  on the same schedule. ``frozen_backbone``: the backbone's updates are 0
+  (``optax.set_to_zero``: a linear probe's counterpart, the decoder alone
+  trained). Clipping (``grad_clip_norm``) is over the whole gradient, first;
+  the peak learning rate and ``weight_decay`` (the backbone's) are injected
+  as in :func:`make_optimizer`, and ``skip_nonfinite`` wraps it all.
+
+  Args:
+    config: the run's config (``optimizer.*``, ``num_train_steps``).
+    backbone: the top-level key of the backbone's params.
+    frozen_backbone: train the head alone.
+  """
+  opt = config.optimizer
+  shape = schedule_shape(opt.warmup_steps, config.num_train_steps,
+                         opt.get('decay', 'cosine'))
+  clip = ([optax.clip_by_global_norm(opt.grad_clip_norm)]
+          if opt.grad_clip_norm else [])
+  adam_kwargs = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+
+  def build(learning_rate, weight_decay):
+    schedule = lambda count: learning_rate * shape(count)
+    body = (optax.set_to_zero() if frozen_backbone else
+            _method(opt, schedule, weight_decay, lora=False))
+    head = optax.adamw(schedule, weight_decay=opt.head_weight_decay,
+                       **adam_kwargs)
+    return optax.chain(*clip, optax.partition(
+        {'backbone': body, 'head': head}, top_level_labels(backbone)))
+
+  tx = optax.inject_hyperparams(build)(
+      learning_rate=opt.learning_rate, weight_decay=opt.weight_decay)
+  if opt.skip_nonfinite:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_nonfinite)
+  return tx
