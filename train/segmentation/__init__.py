@@ -1,1 +1,0 @@
-"""Semantic segmentation with SPD: Swin + UperNet on PASCAL-Context."""
