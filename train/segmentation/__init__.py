@@ -1,0 +1,1 @@
+"""Semantic segmentation: Swin + UperNet fine-tuned with SPD."""
