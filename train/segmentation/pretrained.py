@@ -230,10 +230,11 @@ def load(folder: str, model: upernet.UperNet) -> dict:
   sources, report = plan(folder, leaves)
   for key, (path, name) in sources.items():
     var = leaves[key]
-    host = _read(path, name, key).astype(var.value.dtype)
-    sharding = getattr(var.value, 'sharding', None)
-    var.value = (jax.device_put(host, sharding) if sharding is not None
-                 else jnp.asarray(host))
+    old = var.get_value()
+    host = _read(path, name, key).astype(old.dtype)
+    sharding = getattr(old, 'sharding', None)
+    var.set_value(jax.device_put(host, sharding) if sharding is not None
+                  else jnp.asarray(host))
   nnx.update(model, state)
   return report
 
