@@ -99,7 +99,10 @@ _HEAD_KEYS = ('hidden_size', 'pool_scales', 'use_auxiliary_head',
               'auxiliary_channels', 'auxiliary_num_convs',
               'auxiliary_concat_input', 'auxiliary_loss_weight',
               'loss_ignore_index')
-_STAGES = ['stage1', 'stage2', 'stage3', 'stage4']
+
+
+def _stages(n: int) -> list[str]:
+  return [f'stage{i + 1}' for i in range(n)]
 
 
 def swin_from_hf(hf: dict, *, where: str) -> swin.SwinConfig:
@@ -108,10 +111,6 @@ def swin_from_hf(hf: dict, *, where: str) -> swin.SwinConfig:
     if key in hf and hf[key] != value:
       raise ValueError(f'{where}: {key}={hf[key]!r} is not supported (the'
                        f' Swin here implements {key}={value!r}).')
-  out = hf.get('out_features')
-  if out is not None and list(out) != _STAGES[:len(hf.get('depths', _STAGES))]:
-    raise ValueError(f'{where}: out_features={out!r}: UperNet here reads every'
-                     f' stage ({_STAGES}).')
   kwargs = {k: hf[k] for k in _SWIN_KEYS if k in hf}
   for k in ('depths', 'num_heads'):
     if k in kwargs:
@@ -139,6 +138,10 @@ def _from_hf(cls, hf: dict, where: str) -> 'SegConfig':
                      f'{backbone_hf.get("model_type")!r}: only a Swin'
                      ' backbone is supported.')
   backbone = swin_from_hf(backbone_hf, where=f'{where} backbone_config')
+  out = backbone_hf.get('out_features')
+  if out is not None and list(out) != _stages(len(backbone.depths)):
+    raise ValueError(f'{where}: backbone_config.out_features={out!r}: the'
+                     f' UperNet head here reads every stage ({_stages(len(backbone.depths))}).')
   labels = hf.get('id2label') or {}
   kwargs = {k: hf[k] for k in _HEAD_KEYS if k in hf}
   kwargs['pool_scales'] = tuple(kwargs.get('pool_scales', (1, 2, 3, 6)))
@@ -160,7 +163,7 @@ def swin_to_hf(b: swin.SwinConfig) -> dict:
   """Ours -> a ``SwinConfig`` dict, all four stages out."""
   hf = {k: getattr(b, k) for k in _SWIN_KEYS}
   hf.update(depths=list(b.depths), num_heads=list(b.num_heads),
-            out_features=_STAGES[:len(b.depths)], **_SWIN_FIXED)
+            out_features=_stages(len(b.depths)), **_SWIN_FIXED)
   return hf
 
 
