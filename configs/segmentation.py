@@ -129,7 +129,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.smoke.num_train = 240
   config.smoke.num_val = 40
   config.smoke.size = 48  # Canvas side (pixels).
-  config.smoke.per_scene = 3  # Digits per scene.
+  config.smoke.per_scene = 5  # Digits per scene.
   config.smoke.zoom = 2  # Each 8x8 digit drawn 16x16.
   if variant == 'smoke':
     _smoke(config)
@@ -149,10 +149,10 @@ def _smoke(config: ml_collections.ConfigDict) -> None:
   config.data.crop = 32
   config.data.eval_scale = (48, 48)
   config.data.threads = 0
-  config.optimizer.learning_rate = 2e-3  # From scratch.
+  config.optimizer.learning_rate = 4e-3  # From scratch.
   config.optimizer.warmup_steps = 20
   config.batch_size = 8
-  config.num_train_steps = 300
+  config.num_train_steps = 400
   config.log_every_steps = 50
-  config.eval_every_steps = 300
+  config.eval_every_steps = 400
   config.checkpoint_every_steps = 100

@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import optax
 
 import spd_optax
+from train.segmentation import pretrained
 from train.segmentation import upernet
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE = 255
 
 
@@ -41,7 +40,8 @@ def split(model: nnx.Module) -> tuple[Any, dict, dict, dict]:
 def normalise(images: jax.Array) -> jax.Array:
   """uint8 ``[B, H, W, 3]`` -> float32, ImageNet-normalised."""
   x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+  return (x - jnp.asarray(pretrained.IMAGENET_MEAN)) / jnp.asarray(
+      pretrained.IMAGENET_STD)
 
 
 def pixel_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
