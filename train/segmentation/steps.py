@@ -33,8 +33,8 @@ def split(model: nnx.Module) -> tuple[Any, dict, dict, dict]:
   """``(graphdef, params, batch_stats, rest)``, the trees as pure dicts."""
   graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat,
                                             ...)
-  return (graphdef, params.to_pure_dict(), stats.to_pure_dict(),
-          rest.to_pure_dict())
+  return (graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats),
+          nnx.to_pure_dict(rest))
 
 
 def normalise(images: jax.Array) -> jax.Array:
@@ -63,7 +63,7 @@ def loss_fn(params, stats, rest, graphdef, batch, key, aux_weight: float):
   if 'auxiliary_logits' in out:
     loss = loss + aux_weight * pixel_loss(out['auxiliary_logits'],
                                           batch['label'])
-  new_stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+  new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
   return loss, (new_stats, main)
 
 
