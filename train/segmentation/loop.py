@@ -55,8 +55,11 @@ MODEL_FILES = ('*.safetensors', 'config.json')
 def _identity(config, data_dir: str) -> dict:
   """The config, its folders replaced by what they hold (the model's files,
   the split lists, by SHA-256), so a moved workdir or folder resumes."""
-  splits = os.path.join(data_dir, data.SPLITS)
-  places = {'data.dir': run_identity.folder_contents(splits, ('*.txt',))}
+  places = {'data.dir': {}}
+  for split in ('train', 'val'):
+    data.split_ids(data_dir, split)  # Refuses a missing list by its path.
+    places['data.dir'][split] = run_identity.file_sha256(
+        os.path.join(data_dir, data.SPLITS, f'{split}.txt'))
   if config.model.path:
     places['model.path'] = run_identity.folder_contents(config.model.path,
                                                         MODEL_FILES)
