@@ -19,6 +19,7 @@ from train.core import optimizers
 from train.segmentation import checks
 from train.segmentation import evaluate
 from train.segmentation import loop
+from train.segmentation import smoke
 from train.segmentation import steps
 
 
@@ -158,3 +159,21 @@ def test_slide_windows_average_overlaps():
   assert out[0, 0, 0, 0] == 1.0  # Only the first window.
   assert out[0, 4, 6, 0] == 4.0  # Only the last.
   assert out[0, 2, 3, 0] == pytest.approx((1 + 2 + 3 + 4) / 4)
+
+
+@pytest.mark.slow  # Compiles the evaluation (~25 s).
+def test_slide_with_one_window_equals_whole_image(tmp_path):
+  """Whole-image and sliding-window evaluation of the same model agree
+  where one window covers the image; every labelled pixel is counted."""
+  smoke.write(str(tmp_path), num_train=1, num_val=2)
+  config = seg_configs.get_config('smoke')
+  model, _ = loop.make_model(config, seed=0)
+  graphdef, params, stats, rest = steps.split(model)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  ev = evaluate.Evaluator(graphdef, config, str(tmp_path),
+                          ['val_00000', 'val_00001'], mesh)
+  whole = ev.confusion(params, stats, rest)
+  config.data.eval_mode = 'slide'
+  config.data.slide_crop = config.data.slide_stride = 48
+  np.testing.assert_array_equal(ev.confusion(params, stats, rest), whole)
+  assert whole.sum() == 2 * 48 * 48  # No pixel of the scenes is ignored.

@@ -29,7 +29,7 @@ from PIL import Image
 IGNORE = 255
 
 
-def resize(image: np.ndarray, label, size: tuple[int, int]):
+def resize_pair(image: np.ndarray, label, size: tuple[int, int]):
   """``(image, label)`` at ``size = (h, w)``; ``label`` may be None."""
   h, w = size
   out = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
@@ -51,7 +51,7 @@ def random_resize(image, label, rng: np.random.Generator, *,
                   scale: tuple[int, int], ratio_range: tuple[float, float]):
   ratio = rng.uniform(*ratio_range)
   target = (int(scale[0] * ratio), int(scale[1] * ratio))
-  return resize(image, label, fit_size(image.shape[:2], target))
+  return resize_pair(image, label, fit_size(image.shape[:2], target))
 
 
 def random_crop(image, label, rng: np.random.Generator, *, crop: int,

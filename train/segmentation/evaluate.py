@@ -35,8 +35,14 @@ class Evaluator:
   """The validation set's metrics for given params and statistics."""
 
   def __init__(self, graphdef, config: ml_collections.ConfigDict,
-               data_dir: str, ids: list[str]):
+               data_dir: str, ids: list[str], mesh: jax.sharding.Mesh):
     self.config, self.data_dir = config, data_dir
+    # Every process reads every image; each array is the same on all
+    # devices (a global array, as jit needs on several hosts).
+    replicated = jax.sharding.NamedSharding(mesh,
+                                            jax.sharding.PartitionSpec())
+    self._put = lambda x: jax.make_array_from_process_local_data(
+        replicated, np.ascontiguousarray(x))
     limit = config.data.max_eval_images
     self.ids = ids[:limit] if limit else ids
     self.num_classes = config.data.num_classes
@@ -47,8 +53,8 @@ class Evaluator:
   def _logits_of(self, state, image: np.ndarray) -> jax.Array:
     """``[1, h, w, K]`` logits of the fitted image (whole or slide)."""
     if self.config.data.eval_mode == 'whole':
-      return self._logits(*state, image[None])
-    return slide_logits(lambda x: self._logits(*state, x), image,
+      return self._logits(*state, self._put(image[None]))
+    return slide_logits(lambda x: self._logits(*state, self._put(x)), image,
                         self.config.data.slide_crop,
                         self.config.data.slide_stride, self.num_classes)
 
@@ -63,10 +69,12 @@ class Evaluator:
       if corruption:
         image = corruptions.corrupt(image, corruption, severity,
                                     seed=self.config.seed, index=index)
-      fitted, _ = augment.resize(image, None,
+      fitted, _ = augment.resize_pair(image, None,
                                  augment.fit_size(image.shape[:2], scale))
       logits = self._logits_of((params, stats, rest), fitted)
-      total = total + self._count(logits, label[None],
+      if not isinstance(logits, jax.Array):  # Slide: averaged on the host.
+        logits = self._put(logits)
+      total = total + self._count(logits, self._put(label[None]),
                                   num_classes=self.num_classes)
     return np.asarray(jax.device_get(total))
 

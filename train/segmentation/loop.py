@@ -136,7 +136,7 @@ def _set_up(config, mesh, data_dir: str) -> Run:
       steps.make_train_step(graphdef, tx,
                             aux_weight=config.model.auxiliary_loss_weight,
                             spd=spd),
-      evaluate.Evaluator(graphdef, config, data_dir, val_ids))
+      evaluate.Evaluator(graphdef, config, data_dir, val_ids, mesh))
 
 
 # -- Training -----------------------------------------------------------------
