@@ -37,11 +37,50 @@ _BUILT = {}
 
 
 def build(config: upernet.SegConfig) -> upernet.UperNet:
-  """A fresh ``UperNet(config)``: a clone of one built per config (building
-  compiles every initialiser's shape, the tests' slowest step)."""
+  """An ``UperNet(config)`` with random values drawn by NumPy.
+
+  Eager initialisation compiles one XLA program per parameter shape (half
+  a minute on this machine); the loader overwrites the values anyway, so the
+  tests build the model abstractly and fill it on the host, once per config
+  (``test_initialised_model_runs`` covers the real initialisation).
+  """
   if config not in _BUILT:
-    _BUILT[config] = upernet.UperNet(config, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    rng = np.random.default_rng(0)
+    for path, var in nnx.to_flat_state(state):
+      shape, dtype = var.get_value().shape, var.get_value().dtype
+      if isinstance(var, nnx.RngKey):
+        var.set_value(jax.random.key(0))
+      elif path[-1] in ('scale', 'var'):
+        var.set_value(jnp.ones(shape, dtype))
+      elif path[-1] in ('bias', 'mean', 'count'):
+        var.set_value(jnp.zeros(shape, dtype))
+      else:
+        var.set_value(jnp.asarray(0.1 * rng.normal(size=shape), dtype))
+    nnx.update(model, state)
+    _BUILT[config] = model
   return nnx.clone(_BUILT[config])
+
+
+def test_initialised_model_runs():
+  """The real initialisation (a small config: one compile per shape)."""
+  config = upernet.SegConfig(
+      num_labels=3, hidden_size=8, auxiliary_channels=8,
+      backbone=swin.SwinConfig(embed_dim=8, depths=(1, 1, 1),
+                               num_heads=(1, 1, 2), window_size=2))
+  model = upernet.UperNet(config, rngs=nnx.Rngs(0))
+  kernel = np.asarray(model.backbone.encoder.layers[2].blocks[0].mlp.fc1
+                      .kernel[...])
+  assert kernel.shape == (32, 128) and 0.015 < kernel.std() < 0.025  # 0.02
+  assert np.abs(kernel).max() <= 2 * 0.02 + 1e-6  # truncated at 2 sigma
+  table = model.backbone.encoder.layers[2].blocks[0].attention
+  assert table.relative_position_bias.relative_position_bias_table.shape == (
+      9, 2)
+  _, leaves = pretrained._leaves(model)  # pylint: disable=protected-access
+  assert all(np.all(np.isfinite(np.asarray(v.get_value())))
+             for v in leaves.values())
+  assert model.auxiliary_head.classifier.kernel.shape == (1, 1, 8, 3)
 
 
 @nnx.jit(static_argnames='deterministic')

@@ -232,8 +232,11 @@ def load(folder: str, model: upernet.UperNet) -> dict:
     var = leaves[key]
     old = var.get_value()
     host = _read(path, name, key).astype(old.dtype)
+    # A leaf placed on a mesh keeps its place; one on the default device
+    # stays uncommitted (as initialised), so jitted calls are not retraced.
     sharding = getattr(old, 'sharding', None)
-    var.set_value(jax.device_put(host, sharding) if sharding is not None
+    var.set_value(jax.device_put(host, sharding)
+                  if isinstance(sharding, jax.sharding.NamedSharding)
                   else jnp.asarray(host))
   nnx.update(model, state)
   return report

@@ -66,6 +66,14 @@ class SegConfig:
   auxiliary_in_index: int = 2      # The feature map the FCN head reads.
   loss_ignore_index: int = 255
 
+  def __post_init__(self):
+    stages = len(self.backbone.depths)
+    if self.use_auxiliary_head and not 0 <= self.auxiliary_in_index < stages:
+      raise ValueError(f'auxiliary_in_index={self.auxiliary_in_index}: the'
+                       f' backbone has {stages} stages.')
+    if self.num_labels < 1:
+      raise ValueError(f'num_labels={self.num_labels}: at least 1.')
+
   @classmethod
   def from_hf(cls, hf: dict, *, where: str) -> 'SegConfig':
     """From an ``UperNetConfig`` config.json (with a ``SwinConfig``
@@ -324,14 +332,10 @@ class UperNet(nnx.Module):
       when absent) drives drop path in training when no key is passed.
     dtype: computation dtype; param_dtype: the params'.
 
-  Example:
-
-  >>> from flax import nnx
-  >>> import jax.numpy as jnp
-  >>> model = UperNet(SegConfig.tiny(num_labels=3), rngs=nnx.Rngs(0))
-  >>> out = model(jnp.zeros((1, 37, 45, 3)))
-  >>> out['logits'].shape, out['auxiliary_logits'].shape
-  ((1, 37, 45, 3), (1, 37, 45, 3))
+  ``UperNet(SegConfig.tiny(3), rngs=nnx.Rngs(0))(pixels)`` with ``pixels``
+  ``[B, H, W, 3]`` gives ``{'logits', 'auxiliary_logits'}``, each
+  ``[B, H, W, 3]``. Eager construction compiles one small XLA program per
+  parameter shape; under ``nnx.jit`` / ``nnx.eval_shape`` it is one trace.
   """
 
   def __init__(self, config: SegConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
