@@ -4,8 +4,8 @@ The references of the segmentation model tests: ``transformers`` builds each
 model small from its config, every tensor is then drawn at random (LayerNorm
 and BatchNorm scales around 1, weights at 1 / sqrt(fan in), BatchNorm
 running statistics and the relative position bias tables too, so that a
-swapped or missing piece shows), and the model is saved as safetensors; our loader reads the folder as it would a
-published one.
+swapped or missing piece shows), and the model is saved as safetensors; our
+loader reads the folder as it would a published one.
 """
 
 import numpy as np

@@ -263,7 +263,7 @@ def test_drop_path_in_training_depends_on_the_key():
     model(images, deterministic=False)
 
 
-# -- Refusals -------------------------------------------------------------------
+# -- Refusals ------------------------------------------------------------------
 
 
 def _copy(folder, tmp_path, edit) -> str:

@@ -1,7 +1,7 @@
 """A Hugging Face folder's safetensors, read into our Swin + UperNet, checked.
 
-``load(folder, model)`` fills ``model`` (a ``train.segmentation.upernet.UperNet``)
-in place from
+``load(folder, model)`` fills ``model`` (an ``upernet.UperNet``) in place
+from
 
 - a whole ``UperNetForSemanticSegmentation`` folder (Swin backbone): every
   leaf of the model is set, BatchNorm running statistics included;
@@ -57,8 +57,10 @@ _RENAMES = (
     (re.compile(r'\.attention\.self\.(query|key|value)\.'),
      lambda m: f'.attention.{m.group(1)[0]}_proj.'),
     (re.compile(r'\.attention\.self\.relative_position_bias_table$'),
-     lambda m: '.attention.relative_position_bias.relative_position_bias_table'),
-    (re.compile(r'\.attention\.output\.dense\.'), lambda m: '.attention.o_proj.'),
+     lambda m: ('.attention.relative_position_bias'
+                '.relative_position_bias_table')),
+    (re.compile(r'\.attention\.output\.dense\.'),
+     lambda m: '.attention.o_proj.'),
     (re.compile(r'\.intermediate\.dense\.'), lambda m: '.mlp.fc1.'),
     (re.compile(r'(blocks\.\d+)\.output\.dense\.'),
      lambda m: f'{m.group(1)}.mlp.fc2.'),
@@ -172,7 +174,7 @@ def _leaves(model) -> tuple[Any, dict]:
                  for p, v in nnx.to_flat_state(state)}
 
 
-def plan(folder: str, leaves: dict) -> tuple[dict, dict]:
+def _plan(folder: str, leaves: dict) -> tuple[dict, dict]:
   """``({leaf: (file, tensor)}, report)``, every check done, nothing read.
 
   Raises:
@@ -227,7 +229,7 @@ def load(folder: str, model: upernet.UperNet) -> dict:
     ['tensor (reason)']}``.
   """
   state, leaves = _leaves(model)
-  sources, report = plan(folder, leaves)
+  sources, report = _plan(folder, leaves)
   for key, (path, name) in sources.items():
     var = leaves[key]
     old = var.get_value()

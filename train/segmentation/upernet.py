@@ -149,7 +149,8 @@ def _from_hf(cls, hf: dict, where: str) -> 'SegConfig':
   out = backbone_hf.get('out_features')
   if out is not None and list(out) != _stages(len(backbone.depths)):
     raise ValueError(f'{where}: backbone_config.out_features={out!r}: the'
-                     f' UperNet head here reads every stage ({_stages(len(backbone.depths))}).')
+                     ' UperNet head here reads every stage'
+                     f' ({_stages(len(backbone.depths))}).')
   labels = hf.get('id2label') or {}
   kwargs = {k: hf[k] for k in _HEAD_KEYS if k in hf}
   kwargs['pool_scales'] = tuple(kwargs.get('pool_scales', (1, 2, 3, 6)))
@@ -223,7 +224,7 @@ def _separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
                     precision=_HIGHEST)
 
 
-def resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+def bilinear_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Bilinear resize of ``[B, H, W, C]`` to ``size`` (PyTorch's)."""
   _, h, w, _ = x.shape
   if (h, w) == tuple(size):
@@ -280,7 +281,7 @@ class UperNetHead(nnx.Module):
 
   def _psp(self, x: jax.Array, train: bool) -> jax.Array:
     size = x.shape[1:3]
-    outs = [x] + [resize(block(adaptive_avg_pool(x, s), train), size)
+    outs = [x] + [bilinear_resize(block(adaptive_avg_pool(x, s), train), size)
                   for s, block in zip(self.pool_scales, self.psp_modules)]
     return self.bottleneck(jnp.concatenate(outs, axis=-1), train)
 
@@ -289,12 +290,12 @@ class UperNetHead(nnx.Module):
                                                    features)]
     laterals.append(self._psp(features[-1], train))
     for i in range(len(laterals) - 1, 0, -1):
-      laterals[i - 1] = laterals[i - 1] + resize(laterals[i],
-                                                 laterals[i - 1].shape[1:3])
+      laterals[i - 1] = laterals[i - 1] + bilinear_resize(
+          laterals[i], laterals[i - 1].shape[1:3])
     outs = [conv(l, train) for conv, l in zip(self.fpn_convs, laterals)]
     outs.append(laterals[-1])
     size = outs[0].shape[1:3]
-    fused = jnp.concatenate([resize(o, size) for o in outs], axis=-1)
+    fused = jnp.concatenate([bilinear_resize(o, size) for o in outs], axis=-1)
     return self.classifier(self.fpn_bottleneck(fused, train))
 
 
@@ -363,8 +364,8 @@ class UperNet(nnx.Module):
     features = self.backbone(pixels, deterministic=deterministic,
                              dropout_key=dropout_key)
     size = pixels.shape[1:3]
-    out = {'logits': resize(self.decode_head(features, train), size)}
+    out = {'logits': bilinear_resize(self.decode_head(features, train), size)}
     if self.auxiliary_head is not None:
-      out['auxiliary_logits'] = resize(self.auxiliary_head(features, train),
-                                       size)
+      out['auxiliary_logits'] = bilinear_resize(
+          self.auxiliary_head(features, train), size)
     return out
