@@ -221,6 +221,12 @@ def _plan(folder: str, leaves: dict) -> tuple[dict, dict]:
   return sources, report
 
 
+def plan_load(folder: str, model: upernet.UperNet) -> dict:
+  """``load``'s checks and report, nothing read: works on an abstract model
+  (``nnx.eval_shape``)."""
+  return _plan(folder, _leaves(model)[1])[1]
+
+
 def load(folder: str, model: upernet.UperNet) -> dict:
   """Fills ``model`` in place from ``folder``'s safetensors (see the module).
 
