@@ -29,8 +29,8 @@ from train.segmentation import upernet
 TOL = 1e-4
 SIZES = [(61, 75), (64, 64)]
 # The head of seg_helpers' UperNet, for backbone folders read under it.
-HEAD = dict(hidden_size=seg_helpers.HEAD['hidden_size'],
-            auxiliary_channels=seg_helpers.HEAD['auxiliary_channels'])
+HEAD = {k: v for k, v in seg_helpers.HEAD.items()
+        if k != 'use_auxiliary_head'}
 
 
 _BUILT = {}
