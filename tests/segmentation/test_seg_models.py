@@ -64,12 +64,12 @@ def build(config: upernet.SegConfig) -> upernet.UperNet:
 
 
 def test_initialised_model_runs():
-  """The real initialisation (a small config: one compile per shape)."""
+  """The real initialisation, traced as one program (``upernet.create``)."""
   config = upernet.SegConfig(
       num_labels=3, hidden_size=8, auxiliary_channels=8,
       backbone=swin.SwinConfig(embed_dim=8, depths=(1, 1, 1),
                                num_heads=(1, 1, 2), window_size=2))
-  model = upernet.UperNet(config, rngs=nnx.Rngs(0))
+  model = upernet.create(config, seed=0)
   kernel = np.asarray(model.backbone.encoder.layers[2].blocks[0].mlp.fc1
                       .kernel[...])
   assert kernel.shape == (32, 128) and 0.015 < kernel.std() < 0.025  # 0.02
@@ -81,6 +81,15 @@ def test_initialised_model_runs():
   assert all(np.all(np.isfinite(np.asarray(v.get_value())))
              for _, v in nnx.to_flat_state(params))
   assert model.auxiliary_head.classifier.kernel.shape == (1, 1, 8, 3)
+  # The same keys as eager construction: one leaf drawn eagerly agrees.
+  eager = swin.SwinConfig(embed_dim=8, depths=(1,), num_heads=(1,),
+                          window_size=2)
+  first = swin.Swin(eager, rngs=nnx.Rngs(0)).embeddings.patch_embeddings
+  np.testing.assert_allclose(
+      np.asarray(model.backbone.embeddings.patch_embeddings.projection
+                 .kernel[...]),
+      np.asarray(first.projection.kernel[...]), rtol=1e-5, atol=1e-7)
+  assert int(model.dropout_rngs.count[...]) == 0
 
 
 @nnx.jit(static_argnames='deterministic')
