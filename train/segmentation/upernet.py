@@ -189,7 +189,7 @@ def _to_hf(config: 'SegConfig') -> dict:
 
 @functools.lru_cache(maxsize=None)
 def resize_matrix(size_in: int, size_out: int) -> np.ndarray:
-  """``[out, in]`` weights of PyTorch's bilinear ``align_corners=False``.
+  r"""``[out, in]`` weights of PyTorch's bilinear ``align_corners=False``.
 
   Output pixel :math:`o` samples :math:`x = \max(0, (o + 1/2) s - 1/2)`,
   :math:`s = n_{in} / n_{out}`, between :math:`\lfloor x \rfloor` and the
