@@ -4,8 +4,8 @@ The references of the segmentation model tests: ``transformers`` builds each
 model small from its config, every tensor is then drawn at random (LayerNorm
 and BatchNorm scales around 1, weights at 1 / sqrt(fan in), BatchNorm
 running statistics and the relative position bias tables too, so that a
-swapped or missing piece shows), and the model is saved as safetensors; our loader reads the folder as it would a
-published one.
+swapped or missing piece shows), and the model is saved as safetensors; our
+loader reads the folder as it would a published one.
 """
 
 import numpy as np
@@ -15,9 +15,10 @@ import numpy as np
 SWIN = dict(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4],
             window_size=4, patch_size=4, image_size=64, drop_path_rate=0.0,
             out_features=['stage1', 'stage2', 'stage3', 'stage4'])
-# SegConfig.tiny's shapes (drop path off), so that the tests build one shape.
-HEAD = dict(hidden_size=32, auxiliary_channels=16, auxiliary_num_convs=1,
-            auxiliary_concat_input=False, use_auxiliary_head=True)
+# SegConfig.tiny's widths; the auxiliary head with two convs and the input
+# concatenated (conv_cat), so that its every piece is compared.
+HEAD = dict(hidden_size=32, auxiliary_channels=16, auxiliary_num_convs=2,
+            auxiliary_concat_input=True, use_auxiliary_head=True)
 
 
 def randomize(model, seed: int) -> None:

@@ -29,19 +29,67 @@ from train.segmentation import upernet
 TOL = 1e-4
 SIZES = [(61, 75), (64, 64)]
 # The head of seg_helpers' UperNet, for backbone folders read under it.
-HEAD = dict(hidden_size=seg_helpers.HEAD['hidden_size'],
-            auxiliary_channels=seg_helpers.HEAD['auxiliary_channels'])
+HEAD = {k: v for k, v in seg_helpers.HEAD.items()
+        if k != 'use_auxiliary_head'}
 
 
 _BUILT = {}
 
 
 def build(config: upernet.SegConfig) -> upernet.UperNet:
-  """A fresh ``UperNet(config)``: a clone of one built per config (building
-  compiles every initialiser's shape, the tests' slowest step)."""
+  """An ``UperNet(config)`` with random values drawn by NumPy.
+
+  Eager initialisation compiles one XLA program per parameter shape (half
+  a minute on this machine); the loader overwrites the values anyway, so the
+  tests build the model abstractly and fill it on the host, once per config
+  (``test_initialised_model_runs`` covers the real initialisation).
+  """
   if config not in _BUILT:
-    _BUILT[config] = upernet.UperNet(config, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    rng = np.random.default_rng(0)
+    for path, var in nnx.to_flat_state(state):
+      shape, dtype = var.get_value().shape, var.get_value().dtype
+      if isinstance(var, nnx.RngKey):
+        var.set_value(jax.random.key(0))
+      elif path[-1] in ('scale', 'var'):
+        var.set_value(jnp.ones(shape, dtype))
+      elif path[-1] in ('bias', 'mean', 'count'):
+        var.set_value(jnp.zeros(shape, dtype))
+      else:
+        var.set_value(jnp.asarray(0.1 * rng.normal(size=shape), dtype))
+    nnx.update(model, state)
+    _BUILT[config] = model
   return nnx.clone(_BUILT[config])
+
+
+def test_initialised_model_runs():
+  """The real initialisation, traced as one program (``upernet.create``)."""
+  config = upernet.SegConfig(
+      num_labels=3, hidden_size=8, auxiliary_channels=8,
+      backbone=swin.SwinConfig(embed_dim=8, depths=(1, 1, 1),
+                               num_heads=(1, 1, 2), window_size=2))
+  model = upernet.create(config, seed=0)
+  kernel = np.asarray(model.backbone.encoder.layers[2].blocks[0].mlp.fc1
+                      .kernel[...])
+  assert kernel.shape == (32, 128) and 0.015 < kernel.std() < 0.025  # 0.02
+  assert np.abs(kernel).max() <= 2 * 0.02 + 1e-6  # truncated at 2 sigma
+  table = model.backbone.encoder.layers[2].blocks[0].attention
+  assert table.relative_position_bias.relative_position_bias_table.shape == (
+      9, 2)
+  params = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+  assert all(np.all(np.isfinite(np.asarray(v.get_value())))
+             for _, v in nnx.to_flat_state(params))
+  assert model.auxiliary_head.classifier.kernel.shape == (1, 1, 8, 3)
+  # The same keys as eager construction: one leaf drawn eagerly agrees.
+  eager = swin.SwinConfig(embed_dim=8, depths=(1,), num_heads=(1,),
+                          window_size=2)
+  first = swin.Swin(eager, rngs=nnx.Rngs(0)).embeddings.patch_embeddings
+  np.testing.assert_allclose(
+      np.asarray(model.backbone.embeddings.patch_embeddings.projection
+                 .kernel[...]),
+      np.asarray(first.projection.kernel[...]), rtol=1e-5, atol=1e-7)
+  assert int(model.dropout_rngs.count[...]) == 0
 
 
 @nnx.jit(static_argnames='deterministic')
@@ -82,7 +130,7 @@ def test_features_and_logits_equal_transformers(whole, size):
 
 def test_whole_folder_loads_every_tensor(whole):
   reference, _, model, report = whole
-  _, leaves = pretrained._leaves(model)  # pylint: disable=protected-access
+  leaves = _leaves(model)
   assert report['kind'] == 'upernet'
   assert report['fresh'] == []
   assert sorted(report['loaded']) == sorted(leaves)
@@ -122,6 +170,13 @@ def test_train_mode_equals_transformers_train_mode(whole):
       atol=1e-5, rtol=0)
 
 
+def _leaves(model) -> dict[str, tuple[int, ...]]:
+  """``{'a.b.0.kernel': shape}`` of the params and BatchNorm statistics."""
+  state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+  return {'.'.join(map(str, path)): tuple(v.get_value().shape)
+          for path, v in nnx.to_flat_state(state)}
+
+
 def _layer_norm(x, eps=1e-5):
   x = x.astype(np.float64)
   mean = x.mean(-1, keepdims=True)
@@ -138,7 +193,7 @@ def test_backbone_folder_loads_under_a_fresh_head(tmp_path, kind):
   fresh_head = np.asarray(model.decode_head.classifier.kernel[...]).copy()
   report = pretrained.load(folder, model)
   assert report['kind'] == 'swin backbone'
-  _, leaves = pretrained._leaves(model)  # pylint: disable=protected-access
+  leaves = _leaves(model)
   heads = {k for k in leaves if k.startswith(('decode_head.',
                                                'auxiliary_head.'))}
   norms = {k for k in leaves if k.startswith('backbone.hidden_states_norms')}
@@ -224,7 +279,7 @@ def test_drop_path_in_training_depends_on_the_key():
     model(images, deterministic=False)
 
 
-# -- Refusals -------------------------------------------------------------------
+# -- Refusals ------------------------------------------------------------------
 
 
 def _copy(folder, tmp_path, edit) -> str:
@@ -310,3 +365,29 @@ def test_config_json_of_an_unknown_model_is_refused(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'vit'}))
   with pytest.raises(ValueError, match="model_type='vit'"):
     pretrained.read_config(str(tmp_path), num_labels=3)
+
+
+@pytest.mark.slow
+def test_swin_tiny_upernet_folder_fits_the_real_size(tmp_path):
+  """The published setting's shapes: ``transformers``' UperNet on a Swin-T
+  (``microsoft/swin-tiny-patch4-window7-224``'s config, 150 labels as
+  ``openmmlab/upernet-swin-tiny``) saved and planned against our abstract
+  model: every tensor has a leaf of its shape (nothing is read: 240 MB)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  backbone = transformers.SwinConfig(
+      embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+      window_size=7, out_features=['stage1', 'stage2', 'stage3', 'stage4'])
+  reference = transformers.UperNetForSemanticSegmentation(
+      transformers.UperNetConfig(backbone_config=backbone, num_labels=150))
+  reference.save_pretrained(str(tmp_path))
+  config = pretrained.read_config(str(tmp_path), num_labels=150)
+  assert config.backbone == swin.SwinConfig.of_size('tiny')
+  model = nnx.eval_shape(lambda: upernet.UperNet(config, rngs=nnx.Rngs(0)))
+  leaves = _leaves(model)
+  report = pretrained.plan_load(str(tmp_path), model)
+  assert report['fresh'] == [] and len(report['loaded']) == len(leaves)
+  ours = sum(int(np.prod(shape)) for k, shape in leaves.items()
+             if not k.endswith(('.mean', '.var')))
+  theirs = sum(p.numel() for n, p in reference.named_parameters()
+               if not n.startswith('backbone.swin.layernorm'))
+  assert ours == theirs

@@ -1,7 +1,7 @@
 """A Hugging Face folder's safetensors, read into our Swin + UperNet, checked.
 
-``load(folder, model)`` fills ``model`` (a ``train.segmentation.upernet.UperNet``)
-in place from
+``load(folder, model)`` fills ``model`` (an ``upernet.UperNet``) in place
+from
 
 - a whole ``UperNetForSemanticSegmentation`` folder (Swin backbone): every
   leaf of the model is set, BatchNorm running statistics included;
@@ -57,8 +57,10 @@ _RENAMES = (
     (re.compile(r'\.attention\.self\.(query|key|value)\.'),
      lambda m: f'.attention.{m.group(1)[0]}_proj.'),
     (re.compile(r'\.attention\.self\.relative_position_bias_table$'),
-     lambda m: '.attention.relative_position_bias.relative_position_bias_table'),
-    (re.compile(r'\.attention\.output\.dense\.'), lambda m: '.attention.o_proj.'),
+     lambda m: ('.attention.relative_position_bias'
+                '.relative_position_bias_table')),
+    (re.compile(r'\.attention\.output\.dense\.'),
+     lambda m: '.attention.o_proj.'),
     (re.compile(r'\.intermediate\.dense\.'), lambda m: '.mlp.fc1.'),
     (re.compile(r'(blocks\.\d+)\.output\.dense\.'),
      lambda m: f'{m.group(1)}.mlp.fc2.'),
@@ -172,7 +174,7 @@ def _leaves(model) -> tuple[Any, dict]:
                  for p, v in nnx.to_flat_state(state)}
 
 
-def plan(folder: str, leaves: dict) -> tuple[dict, dict]:
+def _plan(folder: str, leaves: dict) -> tuple[dict, dict]:
   """``({leaf: (file, tensor)}, report)``, every check done, nothing read.
 
   Raises:
@@ -219,6 +221,12 @@ def plan(folder: str, leaves: dict) -> tuple[dict, dict]:
   return sources, report
 
 
+def plan_load(folder: str, model: upernet.UperNet) -> dict:
+  """``load``'s checks and report, nothing read: works on an abstract model
+  (``nnx.eval_shape``)."""
+  return _plan(folder, _leaves(model)[1])[1]
+
+
 def load(folder: str, model: upernet.UperNet) -> dict:
   """Fills ``model`` in place from ``folder``'s safetensors (see the module).
 
@@ -227,13 +235,16 @@ def load(folder: str, model: upernet.UperNet) -> dict:
     ['tensor (reason)']}``.
   """
   state, leaves = _leaves(model)
-  sources, report = plan(folder, leaves)
+  sources, report = _plan(folder, leaves)
   for key, (path, name) in sources.items():
     var = leaves[key]
     old = var.get_value()
     host = _read(path, name, key).astype(old.dtype)
+    # A leaf placed on a mesh keeps its place; one on the default device
+    # stays uncommitted (as initialised), so jitted calls are not retraced.
     sharding = getattr(old, 'sharding', None)
-    var.set_value(jax.device_put(host, sharding) if sharding is not None
+    var.set_value(jax.device_put(host, sharding)
+                  if isinstance(sharding, jax.sharding.NamedSharding)
                   else jnp.asarray(host))
   nnx.update(model, state)
   return report

@@ -202,7 +202,8 @@ class WindowAttention(nnx.Module):
     """``x``: ``[batch * num_windows, N, C]``; ``mask``: ``[nW, N, N]``."""
     bw, n, c = x.shape
     heads = lambda y: y.reshape(bw, n, self.num_heads, -1)
-    q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+    q, k, v = (heads(self.q_proj(x)), heads(self.k_proj(x)),
+               heads(self.v_proj(x)))
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     scores = scores + self.relative_position_bias()[None].astype(scores.dtype)
@@ -262,7 +263,8 @@ class SwinBlock(nnx.Module):
 
 
 class PatchMerging(nnx.Module):
-  """2 x 2 neighbourhoods -> one token: ``[B, H, W, C] -> [B, H/2, W/2, 2C]``."""
+  """2 x 2 neighbourhoods -> one token: ``[B, H, W, C]`` ->
+  ``[B, H/2, W/2, 2C]``."""
 
   def __init__(self, width: int, *, dtype, param_dtype, rngs):
     self.norm = _norm(4 * width, _DEFAULT_EPS, param_dtype=param_dtype,

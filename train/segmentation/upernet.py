@@ -66,6 +66,14 @@ class SegConfig:
   auxiliary_in_index: int = 2      # The feature map the FCN head reads.
   loss_ignore_index: int = 255
 
+  def __post_init__(self):
+    stages = len(self.backbone.depths)
+    if self.use_auxiliary_head and not 0 <= self.auxiliary_in_index < stages:
+      raise ValueError(f'auxiliary_in_index={self.auxiliary_in_index}: the'
+                       f' backbone has {stages} stages.')
+    if self.num_labels < 1:
+      raise ValueError(f'num_labels={self.num_labels}: at least 1.')
+
   @classmethod
   def from_hf(cls, hf: dict, *, where: str) -> 'SegConfig':
     """From an ``UperNetConfig`` config.json (with a ``SwinConfig``
@@ -141,7 +149,8 @@ def _from_hf(cls, hf: dict, where: str) -> 'SegConfig':
   out = backbone_hf.get('out_features')
   if out is not None and list(out) != _stages(len(backbone.depths)):
     raise ValueError(f'{where}: backbone_config.out_features={out!r}: the'
-                     f' UperNet head here reads every stage ({_stages(len(backbone.depths))}).')
+                     ' UperNet head here reads every stage'
+                     f' ({_stages(len(backbone.depths))}).')
   labels = hf.get('id2label') or {}
   kwargs = {k: hf[k] for k in _HEAD_KEYS if k in hf}
   kwargs['pool_scales'] = tuple(kwargs.get('pool_scales', (1, 2, 3, 6)))
@@ -180,7 +189,7 @@ def _to_hf(config: 'SegConfig') -> dict:
 
 @functools.lru_cache(maxsize=None)
 def resize_matrix(size_in: int, size_out: int) -> np.ndarray:
-  """``[out, in]`` weights of PyTorch's bilinear ``align_corners=False``.
+  r"""``[out, in]`` weights of PyTorch's bilinear ``align_corners=False``.
 
   Output pixel :math:`o` samples :math:`x = \max(0, (o + 1/2) s - 1/2)`,
   :math:`s = n_{in} / n_{out}`, between :math:`\lfloor x \rfloor` and the
@@ -215,7 +224,7 @@ def _separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
                     precision=_HIGHEST)
 
 
-def resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+def bilinear_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Bilinear resize of ``[B, H, W, C]`` to ``size`` (PyTorch's)."""
   _, h, w, _ = x.shape
   if (h, w) == tuple(size):
@@ -272,7 +281,7 @@ class UperNetHead(nnx.Module):
 
   def _psp(self, x: jax.Array, train: bool) -> jax.Array:
     size = x.shape[1:3]
-    outs = [x] + [resize(block(adaptive_avg_pool(x, s), train), size)
+    outs = [x] + [bilinear_resize(block(adaptive_avg_pool(x, s), train), size)
                   for s, block in zip(self.pool_scales, self.psp_modules)]
     return self.bottleneck(jnp.concatenate(outs, axis=-1), train)
 
@@ -281,12 +290,12 @@ class UperNetHead(nnx.Module):
                                                    features)]
     laterals.append(self._psp(features[-1], train))
     for i in range(len(laterals) - 1, 0, -1):
-      laterals[i - 1] = laterals[i - 1] + resize(laterals[i],
-                                                 laterals[i - 1].shape[1:3])
+      laterals[i - 1] = laterals[i - 1] + bilinear_resize(
+          laterals[i], laterals[i - 1].shape[1:3])
     outs = [conv(l, train) for conv, l in zip(self.fpn_convs, laterals)]
     outs.append(laterals[-1])
     size = outs[0].shape[1:3]
-    fused = jnp.concatenate([resize(o, size) for o in outs], axis=-1)
+    fused = jnp.concatenate([bilinear_resize(o, size) for o in outs], axis=-1)
     return self.classifier(self.fpn_bottleneck(fused, train))
 
 
@@ -324,14 +333,10 @@ class UperNet(nnx.Module):
       when absent) drives drop path in training when no key is passed.
     dtype: computation dtype; param_dtype: the params'.
 
-  Example:
-
-  >>> from flax import nnx
-  >>> import jax.numpy as jnp
-  >>> model = UperNet(SegConfig.tiny(num_labels=3), rngs=nnx.Rngs(0))
-  >>> out = model(jnp.zeros((1, 37, 45, 3)))
-  >>> out['logits'].shape, out['auxiliary_logits'].shape
-  ((1, 37, 45, 3), (1, 37, 45, 3))
+  ``UperNet(SegConfig.tiny(3), rngs=nnx.Rngs(0))(pixels)`` with ``pixels``
+  ``[B, H, W, 3]`` gives ``{'logits', 'auxiliary_logits'}``, each
+  ``[B, H, W, 3]``. Eager construction compiles one small XLA program per
+  parameter shape; under ``nnx.jit`` / ``nnx.eval_shape`` it is one trace.
   """
 
   def __init__(self, config: SegConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -359,8 +364,28 @@ class UperNet(nnx.Module):
     features = self.backbone(pixels, deterministic=deterministic,
                              dropout_key=dropout_key)
     size = pixels.shape[1:3]
-    out = {'logits': resize(self.decode_head(features, train), size)}
+    out = {'logits': bilinear_resize(self.decode_head(features, train), size)}
     if self.auxiliary_head is not None:
-      out['auxiliary_logits'] = resize(self.auxiliary_head(features, train),
-                                       size)
+      out['auxiliary_logits'] = bilinear_resize(
+          self.auxiliary_head(features, train), size)
     return out
+
+
+def create(config: SegConfig, *, seed: int = 0, dtype=jnp.float32,
+           param_dtype=jnp.float32) -> UperNet:
+  """``UperNet(config, rngs=nnx.Rngs(seed))``, initialised as one program.
+
+  Eager construction compiles one XLA program per parameter shape (half a
+  minute for the tiny model on a busy CPU). Here the construction is traced
+  once and, on CPU, compiled without LLVM's optimisation passes (the program
+  runs once): the same keys, so the same values up to float rounding, in a
+  few seconds.
+  """
+  def make():
+    return UperNet(config, rngs=nnx.Rngs(seed), dtype=dtype,
+                   param_dtype=param_dtype)
+  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  options = ({'xla_backend_optimization_level': 0}
+             if jax.default_backend() == 'cpu' else None)
+  state = jax.jit(lambda: nnx.state(make()), compiler_options=options)()
+  return nnx.merge(graphdef, state)
