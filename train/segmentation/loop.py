@@ -26,7 +26,6 @@ import logging
 import os
 from typing import Any, Iterator
 
-from flax import nnx
 import jax
 import ml_collections
 import numpy as np
@@ -99,7 +98,7 @@ def make_model(config, *, seed: int) -> tuple[upernet.UperNet, dict]:
       seg = dataclasses.replace(seg, **heads)
   seg = dataclasses.replace(seg, backbone=dataclasses.replace(
       seg.backbone, drop_path_rate=config.model.drop_path_rate))
-  model = upernet.UperNet(seg, rngs=nnx.Rngs(seed))
+  model = upernet.create(seg, seed=seed)  # UperNet(seg, nnx.Rngs(seed)).
   if config.model.tiny:
     return model, {}
   return model, pretrained.load(config.model.path, model)
