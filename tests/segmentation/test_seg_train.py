@@ -177,3 +177,14 @@ def test_slide_with_one_window_equals_whole_image(tmp_path):
   config.data.slide_crop = config.data.slide_stride = 48
   np.testing.assert_array_equal(ev.confusion(params, stats, rest), whole)
   assert whole.sum() == 2 * 48 * 48  # No pixel of the scenes is ignored.
+
+
+@pytest.mark.parametrize('variant', seg_configs.VARIANTS)
+def test_every_variant_is_a_valid_config(variant):
+  config = seg_configs.get_config(variant)
+  config.model.path, config.data.dir = '/w', '/d'
+  checks.check(config, num_devices=1)
+  frozen = config.train_mode == 'linear_probe'
+  assert frozen == (variant == 'linear_probe')
+  if variant not in ('linear_probe', 'smoke'):
+    assert config.optimizer.name == variant
