@@ -34,9 +34,9 @@ head 256 channels with loss weight 0.4, drop path 0.3; AdamW lr 6e-5,
 betas (0.9, 0.999), weight decay 0.01, 1500 linear warmup iterations, then
 linear ("poly", power 1) decay to 0) and PASCAL-Context 59's 80k-iteration
 schedule at batch 16 (its ``*_4xb4-80k_pascal-context-59-480x480`` configs).
-Not followed: mmseg's zero decay on Swin's norms and position-bias tables
-(one weight decay for every backbone leaf here), SyncBN across hosts is
-BatchNorm over the global batch. SPD's lambda (1.0) and L2-SP's (1e-2) are
+AdamW's decay leaves out norms and relative-position tables, as mmseg's
+``paramwise_cfg`` (``optimizer.no_decay``); SyncBN is BatchNorm over the
+global batch. SPD's lambda (1.0) and L2-SP's (1e-2) are
 starting points, not tuned values: the paper does not state them for this
 experiment. Evaluation: mIoU on the validation set, clean and under fog,
 defocus blur, Gaussian noise and brightness at severities 1-5
@@ -62,6 +62,10 @@ def _optimizer(name: str) -> ml_collections.ConfigDict:
   opt.weight_decay = {'adamw': 0.01, 'spd': 1.0, 'projection': 1.0,
                       'l2sp': 1e-2}[name]
   opt.head_weight_decay = 0.01  # The new decoder's AdamW decay (mmseg's).
+  # No AdamW decay on these (regular expressions over leaf paths): mmseg's
+  # paramwise_cfg for Swin (norms, relative position tables; the heads'
+  # BatchNorm too, named batch_norm here). SPD / L2-SP anchor every leaf.
+  opt.no_decay = ('norm', 'relative_position_bias_table')
   opt.b1 = 0.9
   opt.b2 = 0.999
   opt.eps = 1e-8

@@ -15,21 +15,22 @@ from tests import reference
 from train.core import optimizers
 
 
-def _config(name, *, lr=3e-2, wd=1.0, head_wd=0.1, steps=6):
+def _config(name, *, lr=3e-2, wd=1.0, head_wd=0.1, steps=6, no_decay=()):
   c = ml_collections.ConfigDict()
   c.num_train_steps = steps
   c.optimizer = dict(
       name=name, learning_rate=lr, weight_decay=wd, head_weight_decay=head_wd,
       warmup_steps=0, decay='cosine', b1=0.9, b2=0.999, eps=1e-8,
       grad_clip_norm=0.0, decay_head=True, anchor_dtype='',
-      skip_nonfinite=False, max_nonfinite=5)
+      skip_nonfinite=False, max_nonfinite=5, no_decay=no_decay)
   return c
 
 
 def _params(seed):
   rng = np.random.default_rng(seed)
-  shapes = {'backbone': {'a': {'w': (6, 5)}, 'b': (5,)},
-            'decode_head': {'w': (5, 3)}, 'auxiliary_head': {'b': (3,)}}
+  shapes = {'backbone': {'a': {'w': (6, 5)}, 'b': (5,), 'norm': (5,)},
+            'decode_head': {'w': (5, 3), 'norm': (3,)},
+            'auxiliary_head': {'b': (3,)}}
   return jax.tree.map(
       lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
       is_leaf=lambda s: isinstance(s, tuple))
@@ -72,6 +73,10 @@ def _run(config, frozen=False):
   return _flat(params), grads, fired
 
 
+def _decays(opt, k):
+  return not any(p in k for p in opt.get('no_decay', ()))
+
+
 def _reference(config, grads, *, method):
   """float64: the backbone by ``method``, every other leaf AdamW."""
   opt = config.optimizer
@@ -88,9 +93,15 @@ def _reference(config, grads, *, method):
       if not k.startswith("['backbone']"):  # AdamW, decoupled decay.
         u, m[k], v[k] = reference.adam_update(g, m[k], v[k], t + 1, lr,
                                               opt.b1, opt.b2, opt.eps)
-        theta[k] = theta[k] + u - lr * opt.head_weight_decay * theta[k]
+        decay = opt.head_weight_decay * _decays(opt, k)
+        theta[k] = theta[k] + u - lr * decay * theta[k]
       elif method == 'frozen':
         pass
+      elif method == 'adamw':
+        u, m[k], v[k] = reference.adam_update(g, m[k], v[k], t + 1, lr,
+                                              opt.b1, opt.b2, opt.eps)
+        decay = opt.weight_decay * _decays(opt, k)
+        theta[k] = theta[k] + u - lr * decay * theta[k]
       elif method == 'l2sp':
         g = g + opt.weight_decay * (theta[k] - anchor[k])
         u, m[k], v[k] = reference.adam_update(g, m[k], v[k], t + 1, lr,
@@ -128,6 +139,17 @@ def test_backbone_method_and_decoder_adamw_equal_the_reference(name):
     # The decoder is left out of the projection.
     assert not any(v for f in fired for k, v in f.items()
                    if not k.startswith("['backbone']"))
+
+
+def test_adamw_leaves_norms_undecayed_as_mmseg():
+  config = _config('adamw', wd=0.5, no_decay=('norm',))
+  ours, grads, _ = _run(config)
+  theirs, _ = _reference(config, grads, method='adamw')
+  _close(ours, theirs)
+  # With every leaf decayed, the run ends elsewhere; on the norms only.
+  decayed, _, _ = _run(_config('adamw', wd=0.5))
+  for k in ours:
+    assert np.array_equal(ours[k], decayed[k]) == ('norm' not in k), k
 
 
 def test_linear_probe_keeps_the_backbone_bit_for_bit():

@@ -6,6 +6,8 @@ does, given the gradients the optimizer received, while the decoder gets
 plain AdamW; a linear probe leaves the backbone bit for bit.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,8 +98,10 @@ def test_spd_on_the_backbone_adamw_on_the_decoder_equal_the_reference():
       if k.startswith("['backbone']"):
         theta[k], row[k], _ = reference.spd_project(
             grads[t][k], theta[k], theta[k] + u, start[k], opt.weight_decay)
-      else:  # AdamW's decoupled decay on the new decoder.
-        theta[k] = theta[k] + u - lr * opt.head_weight_decay * theta[k]
+      else:  # AdamW's decoupled decay on the new decoder, not its norms.
+        decays = not any(re.search(p, k) for p in opt.no_decay)
+        decay = opt.head_weight_decay * decays
+        theta[k] = theta[k] + u - lr * decay * theta[k]
     history.append(row)
   for k in ours:  # float32 steps against float64.
     scale = max(np.abs(theta[k]).max(), 1e-3)

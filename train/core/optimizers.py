@@ -27,6 +27,7 @@ need a mask for.
 """
 
 import json
+import re
 from typing import Any
 
 import jax
@@ -200,6 +201,19 @@ def top_level_labels(backbone: str = 'backbone'):
   return labels
 
 
+def decay_mask(patterns) -> Any:
+  """``params -> bools``: False for the leaves whose path (``keystr``)
+  matches one of the regular expressions ``patterns`` (no weight decay)."""
+  compiled = [re.compile(p) for p in patterns]
+
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any(c.search(jax.tree_util.keystr(path))
+                                for c in compiled), params)
+
+  return mask
+
+
 def make_backbone_and_head_optimizer(
     config: ml_collections.ConfigDict, *, backbone: str = 'backbone',
     frozen_backbone: bool = False) -> optax.GradientTransformation:
@@ -211,7 +225,10 @@ def make_backbone_and_head_optimizer(
   nothing to return to, takes plain AdamW with ``optimizer.head_weight_decay``
   on the same schedule. ``frozen_backbone``: the backbone's updates are 0
   (``optax.set_to_zero``: a linear probe's counterpart, the decoder alone
-  trained). Clipping (``grad_clip_norm``) is over the whole gradient, first;
+  trained). AdamW's decay leaves out the leaves whose path matches a
+  pattern of ``optimizer.no_decay`` (mmseg's Swin configs: norms and
+  relative position tables), on the backbone (``adamw``) and the head.
+  Clipping (``grad_clip_norm``) is over the whole gradient, first;
   the peak learning rate and ``weight_decay`` (the backbone's) are injected
   as in :func:`make_optimizer`, and ``skip_nonfinite`` wraps it all.
 
@@ -227,12 +244,19 @@ def make_backbone_and_head_optimizer(
           if opt.grad_clip_norm else [])
   adam_kwargs = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
 
+  no_decay = decay_mask(opt.get('no_decay', ()))
+
   def build(learning_rate, weight_decay):
     schedule = lambda count: learning_rate * shape(count)
-    body = (optax.set_to_zero() if frozen_backbone else
-            _method(opt, schedule, weight_decay, lora=False))
+    if frozen_backbone:
+      body = optax.set_to_zero()
+    elif opt.name == 'adamw':
+      body = optax.adamw(schedule, weight_decay=weight_decay, mask=no_decay,
+                         **adam_kwargs)
+    else:
+      body = _method(opt, schedule, weight_decay, lora=False)
     head = optax.adamw(schedule, weight_decay=opt.head_weight_decay,
-                       **adam_kwargs)
+                       mask=no_decay, **adam_kwargs)
     return optax.chain(*clip, optax.partition(
         {'backbone': body, 'head': head}, top_level_labels(backbone)))
 
