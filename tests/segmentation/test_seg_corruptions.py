@@ -46,8 +46,9 @@ def test_disk_kernel_shape_sum_and_values():
 def test_gaussian_kernel_is_opencvs():
   # getGaussianKernel(3, .5): exp(-1/(2 .25)) = e^-2 on each side.
   e = np.exp(-2.0)
+  total = 1 + 2 * e
   np.testing.assert_allclose(C.gaussian_kernel_1d(3, 0.5),
-                             [e / (1 + 2 * e), 1 / (1 + 2 * e), e / (1 + 2 * e)])
+                             [e / total, 1 / total, e / total])
 
 
 def test_defocus_keeps_a_flat_image_and_spreads_a_point():

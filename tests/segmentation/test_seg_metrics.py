@@ -64,7 +64,8 @@ def test_counted_on_a_sharded_batch():
   """The count runs where a batch lies (one device here, or several)."""
   n = jax.device_count()
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))
   rng = np.random.default_rng(1)
   labels = rng.integers(0, 4, (2 * n, 4, 4))
   preds = rng.integers(0, 4, (2 * n, 4, 4))

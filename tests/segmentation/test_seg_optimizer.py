@@ -51,7 +51,8 @@ def _flat(tree):
 def _lr(config, t):
   """The cosine schedule, from its formula (no warmup)."""
   opt = config.optimizer
-  return opt.learning_rate * 0.5 * (1 + np.cos(np.pi * t / config.num_train_steps))
+  return opt.learning_rate * 0.5 * (
+      1 + np.cos(np.pi * t / config.num_train_steps))
 
 
 def _run(config, frozen=False):
