@@ -20,10 +20,17 @@ VISION = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2,
               num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH,
               vision_use_head=False)
 KINDS = ('paligemma', 'paligemma2')
+ALL_KINDS = KINDS + ('gemma3',)
+# Seeds whose greedy continuations are not one token repeated.
+SEEDS = {'paligemma': 0, 'paligemma2': 0, 'gemma3': 1}
+FRAME = ('<start_of_image>', '<end_of_image>')  # Gemma 3's.
 
 
-def tokenizer():
-  return tiny.word_tokenizer([WORDS])
+def tokenizer(kind: str = 'paligemma'):
+  tok = tiny.word_tokenizer([WORDS])
+  if kind == 'gemma3':
+    tok.add_special_tokens({'additional_special_tokens': ['<image>', *FRAME]})
+  return tok
 
 
 def _text_config(kind: str, vocab: int) -> dict:
@@ -34,36 +41,63 @@ def _text_config(kind: str, vocab: int) -> dict:
   # every row (Tunix's sliding mask counts 1-based positions: see models).
   return dict(TEXT, model_type='gemma2', vocab_size=vocab,
               num_key_value_heads=2, query_pre_attn_scalar=8,
-              sliding_window=64, final_logit_softcapping=3.0,
-              attn_logit_softcapping=5.0)
+              sliding_window=64, final_logit_softcapping=30.0,
+              attn_logit_softcapping=50.0)
+
+
+def _config(kind: str, tok):
+  import transformers  # pylint: disable=g-import-not-at-top
+  vocab, image = len(tok), tok.convert_tokens_to_ids('<image>')
+  vision = dict(VISION, model_type='siglip_vision_model')
+  if kind == 'gemma3':  # Six layers: the sixth is global; 16 patches -> 4.
+    text = dict(TEXT, model_type='gemma3_text', vocab_size=vocab,
+                num_hidden_layers=6, num_key_value_heads=2,
+                query_pre_attn_scalar=8, sliding_window=64)
+    boi, eoi = tok.convert_tokens_to_ids(list(FRAME))
+    return transformers.Gemma3Config(
+        vision_config=vision, text_config=text, mm_tokens_per_image=4,
+        image_token_index=image, boi_token_index=boi, eoi_token_index=eoi)
+  return transformers.PaliGemmaConfig(
+      vision_config=vision, text_config=_text_config(kind, vocab),
+      image_token_index=image, vocab_size=vocab,
+      projection_dim=TEXT['hidden_size'], hidden_size=TEXT['hidden_size'])
+
+
+def _model_class(kind: str):
+  import transformers  # pylint: disable=g-import-not-at-top
+  return (transformers.Gemma3ForConditionalGeneration if kind == 'gemma3'
+          else transformers.PaliGemmaForConditionalGeneration)
 
 
 def save_tiny(kind: str, directory: str, *, seed: int = 0,
-              init_scale: float = 0.1) -> str:
-  """A random ``PaliGemmaForConditionalGeneration`` saved in ``directory``."""
+              init_scale: float = 0.3) -> str:
+  """A random ``PaliGemmaForConditionalGeneration`` (``kind`` paligemma,
+  paligemma2) or ``Gemma3ForConditionalGeneration`` (gemma3) saved in
+  ``directory``, with its tokenizer."""
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  tok = tokenizer()
-  vocab = len(tok)
-  config = transformers.PaliGemmaConfig(
-      vision_config=dict(VISION, model_type='siglip_vision_model'),
-      text_config=_text_config(kind, vocab),
-      image_token_index=tok.convert_tokens_to_ids('<image>'),
-      vocab_size=vocab, projection_dim=TEXT['hidden_size'],
-      hidden_size=TEXT['hidden_size'])
+  tok = tokenizer(kind)
+  config = _config(kind, tok)
   config.text_config.initializer_range = init_scale
   config.vision_config.initializer_range = init_scale
   torch.manual_seed(seed)
-  model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+  model = _model_class(kind)(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if 'norm' in name and 'language_model' in name:  # Gemma's 1 + w.
+      if 'norm' in name and ('language_model' in name
+                             or 'soft_emb' in name):  # Gemma's 1 + w.
         p.copy_(0.3 * torch.randn_like(p))
       elif 'norm' in name:  # SigLIP's LayerNorms.
         p.copy_((1.0 if name.endswith('weight') else 0.0)
                 + 0.3 * torch.randn_like(p))
       elif name.endswith('bias'):
         p.copy_(0.1 * torch.randn_like(p))
+      elif 'mm_input_projection' in name:  # transformers starts it at 0.
+        p.copy_(init_scale * torch.randn_like(p))
+      elif 'embed_tokens' in name and kind == 'gemma3':
+        # Gemma 3's post-norms keep each layer's output at unit size: a
+        # smaller embedding lets the layers, not the last token's own
+        # embedding, pick the next token (else '\\n' follows '\\n').
+        p.mul_(0.1)
   model.save_pretrained(directory, safe_serialization=True)
   tok.save_pretrained(directory)
   return directory
@@ -75,22 +109,29 @@ def images(batch: int, seed: int = 0, size: int = IMAGE_SIZE) -> np.ndarray:
   return rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
 
 
-def _torch_inputs(batch: dict, pixels: np.ndarray) -> dict:
+def _torch_inputs(model, batch: dict, pixels: np.ndarray) -> dict:
+  """token_type_ids: PaliGemma's mark the suffix, Gemma 3's the image."""
   import torch  # pylint: disable=g-import-not-at-top
+  if model.config.model_type == 'gemma3':
+    types = batch['tokens'] == model.config.image_token_id
+  else:
+    types = ~batch['prefix_mask']
   return {'input_ids': torch.tensor(batch['tokens'], dtype=torch.long),
           'attention_mask': torch.tensor(batch['input_mask'],
                                          dtype=torch.long),
-          'token_type_ids': torch.tensor(~batch['prefix_mask'],
-                                         dtype=torch.long),
+          'token_type_ids': torch.tensor(types, dtype=torch.long),
           'pixel_values': torch.tensor(pixels.transpose(0, 3, 1, 2))}
 
 
 def _model(directory: str):
   """In eager attention: ``transformers``' SDPA path drops Gemma 2's
   attention soft-capping."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  return transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+  with open(os.path.join(directory, 'config.json')) as f:
+    kind = json.load(f)['model_type']
+  return _model_class(kind).from_pretrained(
       directory, dtype=torch.float32, attn_implementation='eager').eval()
 
 
@@ -99,8 +140,9 @@ def transformers_logits(directory: str, batch: dict,
   """``transformers``' float32 logits of ``build_inputs`` rows (NHWC
   images, given to it as NCHW)."""
   import torch  # pylint: disable=g-import-not-at-top
+  model = _model(directory)
   with torch.no_grad():
-    return _model(directory)(**_torch_inputs(batch, pixels)).logits.numpy()
+    return model(**_torch_inputs(model, batch, pixels)).logits.numpy()
 
 
 def transformers_generate(directory: str, batch: dict, pixels: np.ndarray, *,
@@ -113,7 +155,7 @@ def transformers_generate(directory: str, batch: dict, pixels: np.ndarray, *,
   for i in range(len(batch['tokens'])):
     n = int(batch['input_mask'][i].sum())
     row = {k: v[i:i + 1, :n] for k, v in batch.items()}
-    inputs = _torch_inputs(row, pixels[i:i + 1])
+    inputs = _torch_inputs(model, row, pixels[i:i + 1])
     with torch.no_grad():
       ids = model.generate(**inputs, do_sample=False,
                            max_new_tokens=max_new_tokens, eos_token_id=eos_id,
