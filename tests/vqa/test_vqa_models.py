@@ -301,7 +301,7 @@ def _lora_grads(folders, mesh, tok, *, vision, kind='paligemma'):
         loss, argnums=(0, 1), has_aux=True))(adapted.lora, adapted.base)
   # Up to float32 rounding (a jitted run against an op-by-op one).
   np.testing.assert_allclose(np.asarray(out), base, rtol=0, atol=TOL / 4)
-  return adapted, grads
+  return loaded, adapted, grads
 
 
 def _by_path(state):
@@ -310,8 +310,8 @@ def _by_path(state):
 
 
 def test_lora_adapts_the_decoder_only_by_default(folders, mesh, tok):
-  adapted, (lora_grads, base_grads) = _lora_grads(folders, mesh, tok,
-                                                  vision=False)
+  loaded, adapted, (lora_grads, base_grads) = _lora_grads(
+      folders, mesh, tok, vision=False)
   grads = _by_path(lora_grads)
   assert grads and all(p.startswith('decoder/layers/') for p in grads)
   assert {p.split('/')[4] for p in grads} == {'q_einsum', 'kv_einsum',
@@ -320,6 +320,15 @@ def test_lora_adapts_the_decoder_only_by_default(folders, mesh, tok):
   assert all(np.abs(g).max() > 0 for p, g in grads.items()
              if p.endswith('_b'))
   assert all(v.dtype == np.float32 for v in _by_path(adapted.lora).values())
+  # Greedy decoding through the adapters (B = 0) is the base model's.
+  prompts, pixels = _rows(tok, loaded, None, 28), vqa_helpers.images(2)
+  run = lambda model: np.asarray(models.generate(
+      model, prompts['tokens'], pixels, prompts['input_mask'],
+      prompts['prefix_mask'], max_new_tokens=4, eos_id=1, pad_id=0))
+  with jax.set_mesh(mesh):
+    np.testing.assert_array_equal(
+        run(nnx.merge(adapted.eval_graphdef, adapted.lora, adapted.base)),
+        run(loaded.model))
   # The frozen SigLIP gets none: Tunix's stop-gradient is on.
   vision = {p: g for p, g in _by_path(base_grads).items()
             if p.startswith('vision_encoder/')}
@@ -328,8 +337,8 @@ def test_lora_adapts_the_decoder_only_by_default(folders, mesh, tok):
 
 @pytest.mark.parametrize('kind', ['paligemma', 'gemma3'])
 def test_lora_on_siglip_gets_gradients(folders, mesh, tok, kind):
-  _, (lora_grads, _) = _lora_grads(folders, mesh, tok, vision=True,
-                                   kind=kind)
+  _, _, (lora_grads, _) = _lora_grads(folders, mesh, tok, vision=True,
+                                      kind=kind)
   grads = _by_path(lora_grads)
   decoder = [p for p in grads if not p.startswith('vision_encoder/')]
   assert decoder and all(
@@ -340,3 +349,59 @@ def test_lora_on_siglip_gets_gradients(folders, mesh, tok, kind):
       'query_proj', 'key_proj', 'value_proj', 'out_proj'}
   assert all(np.abs(g).max() > 0 for p, g in vision.items()
              if p.endswith('_b'))
+
+
+# -- Naming, windows ----------------------------------------------------------
+
+def _published(name):  # As the Hub's paligemma-3b-pt-224 names its tensors.
+  return name.replace('vision_tower.', 'vision_tower.vision_model.')
+
+
+def _in_memory(name):  # As transformers >= 4.52 names its modules.
+  for old, new in (('language_model.model.', 'model.language_model.'),
+                   ('vision_tower.', 'model.vision_tower.'),
+                   ('multi_modal_projector.', 'model.multi_modal_projector.')):
+    if name.startswith(old):
+      return new + name[len(old):]
+  return name
+
+
+@pytest.mark.parametrize('kind', ['paligemma', 'gemma3'])
+@pytest.mark.parametrize('rename', [_published, _in_memory])
+def test_every_tensor_naming_loads_the_same_model(folders, loaded, mesh,
+                                                  tmp_path, kind, rename):
+  folder = _copy(folders[kind], str(tmp_path / 'renamed'))
+  _edit_tensors(folder, lambda t: t.update(
+      {rename(k): t.pop(k) for k in list(t)}))
+  again = models.load(folder, mesh=mesh)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(again.model)),
+                               nnx.to_flat_state(nnx.state(
+                                   loaded[kind].model))):
+    np.testing.assert_array_equal(a.get_value(), b.get_value(),
+                                  err_msg='/'.join(map(str, path)))
+
+
+def test_rows_reaching_the_sliding_window_are_refused(folders, mesh, tok,
+                                                      tmp_path):
+  # Tunix's Gemma 2 window counts 1-based positions against cache slots:
+  # rows must stay inside it (the published 4096 leaves room for 256 image
+  # tokens and any question).
+  folder = _copy(folders['paligemma2'], str(tmp_path / 'window'))
+  _edit_config(folder, _set('text_config', 'sliding_window', 32))
+  model = models.load(folder, mesh=mesh)
+  batch, pixels = _rows(tok, model, max_len=32), vqa_helpers.images(2)
+  with pytest.raises(ValueError, match='sliding window of 32'):
+    _ours(model.model, batch, pixels)
+  prompts = _rows(tok, model, None, max_len=28)
+  with pytest.raises(ValueError, match='sliding window of 32'):
+    models.generate(model.model, prompts['tokens'], pixels,
+                    prompts['input_mask'], prompts['prefix_mask'],
+                    max_new_tokens=4, eos_id=1, pad_id=0)
+
+
+def test_gemma3_pooling_that_does_not_divide_is_refused(folders, mesh,
+                                                        tmp_path):
+  folder = _copy(folders['gemma3'], str(tmp_path / 'pool'))
+  _edit_config(folder, _set(None, 'mm_tokens_per_image', 9))
+  with pytest.raises(ValueError, match='mm_tokens_per_image=9 do not pool'):
+    models.load(folder, mesh=mesh)

@@ -127,7 +127,7 @@ def _gemma3_plan(hf: dict, where: str, dtype, remat: str) -> _Plan:
   cfg = gemma3.model_config(hf, where, dtype, remat)
   frame = tuple(hf.get(k) for k in ('boi_token_index', 'eoi_token_index'))
   return _Plan('gemma3', cfg, cfg.vision_config,
-               lambda: gemma3.model(cfg, nnx.Rngs(0)), gemma3.tensor_map(cfg),
+               lambda: gemma3.model(cfg, nnx.Rngs(0)), gemma3.weights_map(cfg),
                cfg.num_heads == cfg.num_kv_heads, lambda k: k,
                hf_weights.EMBEDDING, int(cfg.vision_config.soft_token_placeholder),
                None if None in frame else frame)
