@@ -405,3 +405,21 @@ def test_gemma3_pooling_that_does_not_divide_is_refused(folders, mesh,
   _edit_config(folder, _set(None, 'mm_tokens_per_image', 9))
   with pytest.raises(ValueError, match='mm_tokens_per_image=9 do not pool'):
     models.load(folder, mesh=mesh)
+
+
+@pytest.mark.slow  # Tracing 3-4B-parameter graphs: ~15-30 s each.
+@pytest.mark.parametrize('name', sorted(vqa_helpers.PUBLISHED))
+def test_published_configs_build_transformers_sizes(tmp_path, name):
+  # The published config.json (keys left out as on the Hub): the model
+  # built has transformers' parameter count, 256 image tokens, its size.
+  folder = str(tmp_path / name)
+  os.makedirs(folder)
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(vqa_helpers.PUBLISHED[name], f)
+  built = models.plan(folder)
+  abstract = nnx.eval_shape(built.make)
+  ours = sum(int(np.prod(v.shape)) for _, v in
+             nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+  assert ours == vqa_helpers.transformers_parameter_count(folder)
+  assert built.vision.num_mm_tokens_per_image == 256
+  assert built.vision.image_height == (896 if name.startswith('gemma') else 224)
