@@ -423,3 +423,36 @@ def test_published_configs_build_transformers_sizes(tmp_path, name):
   assert ours == vqa_helpers.transformers_parameter_count(folder)
   assert built.vision.num_mm_tokens_per_image == 256
   assert built.vision.image_height == (896 if name.startswith('gemma') else 224)
+
+
+def test_remat_trains_the_same_adapters(folders, mesh, tok):
+  # Rematerialised decoder layers (jax.checkpoint around each Tunix layer,
+  # merged afresh inside): the same loss and gradients, LoRA dropout's keys
+  # included, as without; adapters with B != 0, so LoRA is in the path.
+  spec = lm.LoraSpec(rank=4, alpha=8.0, dropout=0.5, targets=SPEC.targets)
+  results = []
+  for remat in (False, True):
+    loaded = models.load(folders['paligemma'], mesh=mesh, remat=remat)
+    adapted = models.add_lora(loaded, spec, mesh=mesh, seed=0, vision=True)
+    batch, pixels = _rows(tok, loaded), vqa_helpers.images(2)
+
+    def loss(lora, adapted=adapted, batch=batch, pixels=pixels):
+      model = nnx.merge(adapted.graphdef, lora, adapted.base)
+      model.set_attributes(qwix_rngs=nnx.Rngs(dropout=jax.random.key(0)))
+      out = models.logits(model, batch['tokens'], pixels,
+                          batch['input_mask'], batch['prefix_mask'])
+      return jnp.mean(out ** 2)
+
+    lora = jax.tree.map(lambda x: x + 0.1, adapted.lora)
+    with jax.set_mesh(mesh):
+      results.append(jax.jit(jax.value_and_grad(loss))(lora))
+  (plain, plain_grads), (remat, remat_grads) = results
+  np.testing.assert_allclose(remat, plain, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(plain_grads))
+
+
+def test_gemma3_remat_refused(folders, mesh):
+  with pytest.raises(ValueError, match='remat=.BLOCK. with Gemma 3'):
+    models.load(folders['gemma3'], mesh=mesh, remat=True)

@@ -107,9 +107,7 @@ def _paligemma_plan(hf: dict, where: str, dtype, remat: str) -> Plan:
   text.setdefault('vocab_size', hf.get('vocab_size'))
   sharding = families.with_batch_axes(
       paligemma.gemma_lib.ShardingConfig.get_default_sharding())
-  tcfg = dataclasses.replace(
-      paligemma.text_config(text, where, sharding),
-      remat_config=paligemma.gemma_lib.RematConfig[remat])
+  tcfg = paligemma.text_config(text, where, sharding)
   image_token_id = hf.get('image_token_index', hf.get('image_token_id'))
   if image_token_id is None:
     raise ValueError(f'{where}: key \'image_token_index\' is missing.')
@@ -119,14 +117,19 @@ def _paligemma_plan(hf: dict, where: str, dtype, remat: str) -> Plan:
   if projection != tcfg.embed_dim:
     raise ValueError(f'{where}: projection_dim={projection} differs from'
                      f' text_config.hidden_size={tcfg.embed_dim}.')
-  make = lambda: paligemma.PaliGemma(tcfg, vcfg, image_token_id=image_token_id,
-                                     rngs=nnx.Rngs(0), dtype=dtype)
+  make = lambda: paligemma.PaliGemma(
+      tcfg, vcfg, image_token_id=image_token_id, rngs=nnx.Rngs(0),
+      dtype=dtype, remat=remat != 'NONE')
   return Plan('paligemma', tcfg, vcfg, make, paligemma.tensor_map(tcfg, vcfg),
                tcfg.num_heads == tcfg.num_kv_heads, paligemma.decoder_leaf,
                'decoder.' + hf_weights.EMBEDDING, int(image_token_id), None)
 
 
 def _gemma3_plan(hf: dict, where: str, dtype, remat: str) -> Plan:
+  if remat != 'NONE':
+    raise ValueError(f'{where}: remat={remat!r} with Gemma 3: Tunix\'s'
+                     ' nnx.remat mutates qwix LoRA modules across trace'
+                     ' levels (TraceContextError); use remat off.')
   cfg = gemma3.model_config(hf, where, dtype, remat)
   frame = tuple(hf.get(k) for k in ('boi_token_index', 'eoi_token_index'))
   return Plan('gemma3', cfg, cfg.vision_config,
@@ -235,9 +238,18 @@ def _lora_graph(loaded: Loaded, spec: lm.LoraSpec, paths: list[str],
       module_path='|'.join(f'(?:{p})' for p in paths),
       rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
       lora_a_initializer=lm._LORA_A_INIT, lora_b_initializer=lm._LORA_B_INIT)  # pylint: disable=protected-access
-  abstract = nnx.eval_shape(lambda: qwix.apply_lora_to_model(
-      loaded.model, provider, rngs=nnx.Rngs(seed),
-      **_model_input(loaded)))
+  remat = getattr(loaded.model, 'remat', False)
+  if remat:  # qwix creates the adapters in its trace: no checkpointed copy.
+    loaded.model.remat = False
+  try:
+    abstract = nnx.eval_shape(lambda: qwix.apply_lora_to_model(
+        loaded.model, provider, rngs=nnx.Rngs(seed),
+        **_model_input(loaded)))
+  finally:
+    if remat:
+      loaded.model.remat = True
+  if remat:
+    abstract.remat = True
   return nnx.split(abstract, nnx.LoRAParam, ...)
 
 
