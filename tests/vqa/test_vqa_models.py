@@ -1,4 +1,4 @@
-"""PaliGemma on Tunix, against ``transformers``' PaliGemmaForConditionalGeneration.
+"""PaliGemma and Gemma 3 on Tunix, against ``transformers``.
 
 Each model (PaliGemma: Gemma-1 decoder, multi-query; PaliGemma 2: Gemma-2
 decoder, grouped queries, soft-capping, post norms) is built small and
@@ -238,7 +238,8 @@ def _reshaped(t):
 
 @pytest.mark.parametrize('edit,match', [
     (lambda t: t.pop(VISION_Q), r'leaf/leaves .* no tensor.*query_proj'),
-    (_extra, r"map to no leaf.*'vision_tower.head.probe' of .*model.safetensors"),
+    (_extra, r"map to no leaf.*'vision_tower.head.probe' of"
+             r' .*model.safetensors'),
     (_reshaped, r"'multi_modal_projector.linear.weight' of .* has shape"
                 r' \(23, 32\).*projector.kernel'),
     (_nan, rf"'{VISION_Q}' of .*model.safetensors holds 1 NaN"),

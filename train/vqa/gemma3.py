@@ -74,7 +74,8 @@ def weights_map(cfg: gemma3_lib.ModelConfig) -> dict:
   ``[N, W]`` as it is onto its ``[1, N, W]`` leaf; both are fixed here.
   """
   out = {}
-  for pattern, (target, transform) in gemma3_params._get_key_and_transform_mapping(cfg).items():  # pylint: disable=protected-access
+  tunix_map = gemma3_params._get_key_and_transform_mapping  # pylint: disable=protected-access
+  for pattern, (target, transform) in tunix_map(cfg).items():
     for tunix, ours in ((_TUNIX_LANGUAGE, paligemma.LANGUAGE),
                         (_TUNIX_VISION, paligemma.VISION),
                         (_TUNIX_PROJECTOR, paligemma.PROJECTOR)):

@@ -135,7 +135,8 @@ def _gemma3_plan(hf: dict, where: str, dtype, remat: str) -> Plan:
   return Plan('gemma3', cfg, cfg.vision_config,
                lambda: gemma3.model(cfg, nnx.Rngs(0)), gemma3.weights_map(cfg),
                cfg.num_heads == cfg.num_kv_heads, lambda k: k,
-               hf_weights.EMBEDDING, int(cfg.vision_config.soft_token_placeholder),
+               hf_weights.EMBEDDING,
+               int(cfg.vision_config.soft_token_placeholder),
                None if None in frame else frame)
 
 
@@ -316,7 +317,8 @@ def _special(tokenizer, name: str) -> int:
 def build_inputs(tokenizer, questions: list[str],
                  answers: Optional[list[str]] = None, *, loaded: Loaded,
                  max_len: int,
-                 prompt_template: str = PROMPT_TEMPLATE) -> dict[str, np.ndarray]:
+                 prompt_template: str = PROMPT_TEMPLATE
+                 ) -> dict[str, np.ndarray]:
   """Rows as the kind's processor lays them out, right-padded.
 
   PaliGemma (its processor): ``num_image_tokens`` image tokens, BOS, the

@@ -19,9 +19,10 @@ calls Tunix's embedder, merges the image embeddings, then calls Tunix's
 layers and final norm in order with the prefix mask. Positions are 1-based,
 as ``transformers``' PaliGemma counts them.
 
-This module also builds Tunix's configs from a ``PaliGemmaForConditionalGeneration``
-``config.json`` (refusing, by key, what Tunix cannot compute as
-``transformers`` does) and the tensor map of its safetensors.
+This module also builds Tunix's configs from a
+``PaliGemmaForConditionalGeneration`` ``config.json`` (refusing, by key,
+what Tunix cannot compute as ``transformers`` does) and the tensor map of
+its safetensors.
 """
 
 from typing import Any
@@ -131,7 +132,8 @@ def _language_map(cfg: gemma_lib.ModelConfig) -> dict:
   MLP (Tunix's ``pre_ffw_norm``).
   """
   out = {}
-  for pattern, (target, transform) in gemma_params._get_key_and_transform_mapping(cfg).items():  # pylint: disable=protected-access
+  tunix_map = gemma_params._get_key_and_transform_mapping  # pylint: disable=protected-access
+  for pattern, (target, transform) in tunix_map(cfg).items():
     if not pattern.startswith(r'model\.'):
       continue  # lm_head (tied: checked apart) and Tunix's catch-all bias.
     if 'post_attention_layernorm' in pattern and not cfg.use_post_attn_norm:
@@ -154,7 +156,8 @@ def _vision_map(cfg: vision_lib.SigLIPConfig) -> dict:
       head_dim=2, num_kv_heads=1, vision_config=cfg)
   out = {}
   prefix = r'vision_tower\.vision_model\.'
-  for pattern, (target, transform) in gemma3_params._get_key_and_transform_mapping(like).items():  # pylint: disable=protected-access
+  tunix_map = gemma3_params._get_key_and_transform_mapping  # pylint: disable=protected-access
+  for pattern, (target, transform) in tunix_map(like).items():
     if not pattern.startswith(prefix):
       continue
     if target.endswith('pos_embedding'):
