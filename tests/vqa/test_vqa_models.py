@@ -175,6 +175,30 @@ def test_build_inputs_and_preprocess_equal_the_processor(loaded, tok):
       ref['pixel_values'].transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
 
 
+def test_gemma3_inputs_equal_its_processor(loaded):
+  # Gemma 3's processor puts its image sequence where the prompt says
+  # <start_of_image> (here: first, after BOS); it takes no suffix, so the
+  # prefixes (build_inputs without answers) are compared.
+  model = loaded['gemma3']
+  processor = vqa_helpers.gemma3_processor(model.image_size,
+                                           model.num_image_tokens)
+  raw = np.random.default_rng(0).integers(0, 256, (2, 45, 33, 3),
+                                          dtype=np.uint8)
+  prompts = [vqa_helpers.FRAME[0] + models.PROMPT_TEMPLATE.format(question=q)
+             + '\n' for q in QUESTIONS]
+  ref = processor(images=[[image] for image in raw], text=prompts,
+                  padding='max_length', max_length=32, return_tensors='np')
+  ours = models.build_inputs(vqa_helpers.tokenizer('gemma3'), QUESTIONS,
+                             loaded=model, max_len=32)
+  np.testing.assert_array_equal(ours['input_mask'],
+                                ref['attention_mask'].astype(bool))
+  np.testing.assert_array_equal(ours['tokens'][ours['input_mask']],
+                                ref['input_ids'][ours['input_mask']])
+  np.testing.assert_allclose(
+      models.preprocess(raw, model.image_size, 'gemma3'),
+      ref['pixel_values'].transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
+
+
 def test_build_inputs_refuses_a_row_too_long(loaded, tok):
   with pytest.raises(ValueError, match=r'Row 0 .*max_len is 20'):
     models.build_inputs(tok, QUESTIONS, ANSWERS, loaded=loaded['paligemma'],

@@ -230,3 +230,25 @@ def transformers_parameter_count(folder: str) -> int:
   with torch.device('meta'):
     model = _model_class(kind)(config)
   return sum(p.numel() for p in model.parameters())
+
+
+def gemma3_processor(image_size: int, num_image_tokens: int):
+  """``Gemma3Processor`` (PIL image processor, no pan-and-scan) over the
+  Gemma 3 word tokenizer, made Gemma-like: BOS in front, and its start/end
+  of image and image tokens named as Gemma 3's tokenizer names them."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from transformers.models.gemma3 import image_processing_pil_gemma3  # pylint: disable=g-import-not-at-top
+  backend = tokenizer('gemma3').backend_tokenizer
+  backend.post_processor = tokenizers.processors.TemplateProcessing(
+      single='<bos> $A',
+      special_tokens=[('<bos>', backend.token_to_id('<bos>'))])
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend, bos_token='<bos>', eos_token='<eos>',
+      pad_token='<pad>', unk_token='<unk>',
+      extra_special_tokens={'boi_token': FRAME[0], 'eoi_token': FRAME[1],
+                            'image_token': '<image>'})
+  images = image_processing_pil_gemma3.Gemma3ImageProcessorPil(
+      size={'height': image_size, 'width': image_size})
+  return transformers.Gemma3Processor(image_processor=images, tokenizer=tok,
+                                      image_seq_length=num_image_tokens)

@@ -286,12 +286,17 @@ def add_lora(loaded: Loaded, spec: lm.LoraSpec, *, mesh, seed: int,
 
 # -- Inputs -------------------------------------------------------------------
 
-def preprocess(images_uint8: np.ndarray, image_size: int) -> np.ndarray:
-  """PaliGemma's image processor: ``[B, H, W, 3]`` uint8 -> ``[B, S, S, 3]``.
+_RESAMPLE = {'paligemma': Image.Resampling.BICUBIC,  # SigLIP's processor.
+             'gemma3': Image.Resampling.BILINEAR}  # Gemma 3's.
 
-  Each image is resized to ``S x S`` (PIL's bicubic), rescaled by 1/255 and
-  normalised with mean 0.5 and std 0.5: :math:`x = (p / 255 - 0.5) / 0.5`,
-  in [-1, 1].
+
+def preprocess(images_uint8: np.ndarray, image_size: int,
+               kind: str = 'paligemma') -> np.ndarray:
+  """The kind's image processor: ``[B, H, W, 3]`` uint8 -> ``[B, S, S, 3]``.
+
+  Each image is resized to ``S x S`` with PIL (PaliGemma: bicubic; Gemma 3,
+  without pan-and-scan: bilinear), rescaled by 1/255 and normalised with
+  mean 0.5 and std 0.5: :math:`x = (p / 255 - 0.5) / 0.5`, in [-1, 1].
   """
   images = np.asarray(images_uint8)
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -300,7 +305,7 @@ def preprocess(images_uint8: np.ndarray, image_size: int) -> np.ndarray:
   out = np.empty((len(images), image_size, image_size, 3), np.float32)
   for i, image in enumerate(images):
     resized = Image.fromarray(image).resize((image_size, image_size),
-                                            Image.Resampling.BICUBIC)
+                                            _RESAMPLE[kind])
     out[i] = np.asarray(resized, np.float32)
   return ((out * np.float32(1 / 255) - np.float32(0.5))
           / np.float32(0.5)).astype(np.float32)
