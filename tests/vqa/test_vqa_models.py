@@ -199,6 +199,12 @@ def test_gemma3_inputs_equal_its_processor(loaded):
       ref['pixel_values'].transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
 
 
+def test_images_of_another_size_refused(loaded, tok):
+  batch = _rows(tok, loaded['paligemma'])
+  with pytest.raises(ValueError, match=r'takes \[B, 28, 28, 3\]'):
+    _ours(loaded['paligemma'].model, batch, vqa_helpers.images(2, size=32))
+
+
 def test_build_inputs_refuses_a_row_too_long(loaded, tok):
   with pytest.raises(ValueError, match=r'Row 0 .*max_len is 20'):
     models.build_inputs(tok, QUESTIONS, ANSWERS, loaded=loaded['paligemma'],

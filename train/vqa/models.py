@@ -440,6 +440,20 @@ def _check_window(model, length: int) -> None:
                      f' keep them under {window}.')
 
 
+def _check_images(model, images) -> None:
+  """Images of the encoder's size, one a row (a wrong size would fail
+  deep in Tunix's convolution, or silently resample SigLIP's positions)."""
+  if images is None:
+    return
+  cfg = (model.config.vision_config if _is_gemma3(model)
+         else model.vision_encoder.config)
+  want = (cfg.image_height, cfg.image_width, 3)
+  if len(images.shape) != 4 or tuple(images.shape[1:]) != want:
+    raise ValueError(f'images have shape {tuple(images.shape)}; the model'
+                     f' takes [B, {want[0]}, {want[1]}, 3] (preprocess them'
+                     ' to its image_size).')
+
+
 def logits(model, tokens, images, input_mask, prefix_mask) -> jax.Array:
   """float32 [B, T, V]: the model's logits over a batch of rows.
 
@@ -451,6 +465,7 @@ def logits(model, tokens, images, input_mask, prefix_mask) -> jax.Array:
     input_mask, prefix_mask: bool [B, T].
   """
   _check_window(model, tokens.shape[-1])
+  _check_images(model, images)
   out, _ = model(tokens, positions_of(input_mask, _first_position(model)),
                  None, _mask(model, tokens, input_mask, prefix_mask),
                  images=images)
@@ -470,6 +485,7 @@ def _decode(model, tokens, images, input_mask, prefix_mask, *,
   batch, prompt_len = tokens.shape
   length = prompt_len + max_new_tokens
   _check_window(model, length)
+  _check_images(model, images)
   slots = jnp.arange(length)
   cache = lm.init_cache(lm.cache_spec(decoder.config), batch, length,
                         decoder.embedder.input_embedding.value.dtype)
