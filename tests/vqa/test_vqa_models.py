@@ -85,6 +85,24 @@ def test_logits_equal_transformers(folders, loaded, tok, kind):
   np.testing.assert_allclose(ours[real], ref[real], rtol=0, atol=TOL)
 
 
+@pytest.mark.slow  # Three more compiles and torch runs, ~30 s.
+@pytest.mark.parametrize('kind', vqa_helpers.ALL_KINDS)
+def test_logits_equal_transformers_in_float64(folders, tok, mesh, kind):
+  # Both libraries in float64: what is left is float64 rounding, so any real
+  # difference of computation (a norm's 1 +, a scale, a mask, a position
+  # offset) shows ~1e10 times above it. Measured: 3.6e-14 (PaliGemma),
+  # 1.2e-14 (PaliGemma 2), 1.3e-15 (Gemma 3).
+  pixels = vqa_helpers.images(2).astype(np.float64)
+  with llm_helpers.jax_float64():
+    loaded = models.load(folders[kind], mesh=mesh, dtype='float64')
+    batch = _rows(tok, loaded)
+    ours = _ours(loaded.model, batch, pixels)
+  ref = vqa_helpers.transformers_logits_float64(folders[kind], batch, pixels)
+  assert ours.dtype == ref.dtype == np.float64
+  real = batch['input_mask']
+  np.testing.assert_allclose(ours[real], ref[real], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize('kind', ['paligemma', 'gemma3'])
 def test_logits_move_with_the_image(loaded, tok, kind):
   model = loaded[kind].model

@@ -145,6 +145,24 @@ def transformers_logits(directory: str, batch: dict,
     return model(**_torch_inputs(model, batch, pixels)).logits.numpy()
 
 
+def transformers_logits_float64(directory: str, batch: dict,
+                                pixels: np.ndarray) -> np.ndarray:
+  """The same, every step in float64 (its float32 upcasts promoted too:
+  ``llm_helpers.torch_float32_promoted``)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests import llm_helpers  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(directory, 'config.json')) as f:
+    kind = json.load(f)['model_type']
+  with llm_helpers.torch_float32_promoted():
+    model = _model_class(kind).from_pretrained(
+        directory, dtype=torch.float64, attn_implementation='eager').eval()
+    with torch.no_grad():
+      return model(**_torch_inputs(model, batch, pixels.astype(
+          np.float64))).logits.numpy()
+
+
 def transformers_generate(directory: str, batch: dict, pixels: np.ndarray, *,
                           max_new_tokens: int, eos_id: int,
                           pad_id: int) -> list[list[int]]:
