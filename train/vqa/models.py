@@ -2,10 +2,11 @@
 
 ``load(folder, mesh=...)`` builds, from a Hugging Face folder, PaliGemma
 (``train.vqa.paligemma``: Tunix's SigLIP + projector + Tunix's Gemma 1/2
-decoder) with every leaf from the folder's safetensors, under the checks of
-``train.language.hf_weights`` (every tensor used, every leaf set, shapes
-and non-finite values named by file and tensor). ``build_inputs`` lays
-questions out as PaliGemma's processor does::
+decoder) or Gemma 3 multimodal (``train.vqa.gemma3``: Tunix's ``Gemma3``
+with its SigLIP) with every leaf from the folder's safetensors, under the
+checks of ``train.language.hf_weights`` (every tensor used, every leaf set,
+shapes and non-finite values named by file and tensor). ``build_inputs``
+lays questions out as PaliGemma's processor does (Gemma 3: as its own)::
 
     <image> x N  <bos>  prompt  \\n  |  answer  <eos>  <pad> ...
     '------------ prefix -----------'   '-- suffix --'
