@@ -217,6 +217,30 @@ def test_gemma3_inputs_equal_its_processor(loaded):
       ref['pixel_values'].transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize('kind', ['paligemma', 'gemma3'])
+def test_bfloat16_runs_near_float32(folders, loaded, tok, mesh, kind):
+  # The dtype real runs use: weights and activations in bfloat16, logits
+  # returned in float32. Its distance to the float32 model is bfloat16
+  # rounding: within 3x transformers' own in bfloat16 (same weights, same
+  # rows). Measured: 1.7x (PaliGemma: 0.74 to 0.45), 1.25x (Gemma 3);
+  # Tunix computes its norms and softmax in bfloat16, transformers in
+  # float32.
+  half = models.load(folders[kind], mesh=mesh, dtype='bfloat16')
+  assert {v.dtype for v in jax.tree.leaves(nnx.state(half.model))} == {
+      jnp.dtype(jnp.bfloat16)}
+  batch, pixels = _rows(tok, half), vqa_helpers.images(2)
+  ours = _ours(half.model, batch, pixels.astype(jnp.bfloat16))
+  full = _ours(loaded[kind].model, batch, pixels)
+  real = batch['input_mask']
+  assert ours.dtype == np.float32 and np.isfinite(ours).all()
+  ref = vqa_helpers.transformers_logits(folders[kind], batch, pixels)
+  ref_half = vqa_helpers.transformers_logits(folders[kind], batch, pixels,
+                                             bfloat16=True)
+  np.testing.assert_allclose(full[real], ref[real], rtol=0, atol=TOL)
+  err, ref_err = (np.abs(x - full)[real].max() for x in (ours, ref_half))
+  assert 0 < err < 3 * ref_err, (err, ref_err)
+
+
 def test_images_of_another_size_refused(loaded, tok):
   batch = _rows(tok, loaded['paligemma'])
   with pytest.raises(ValueError, match=r'takes \[B, 28, 28, 3\]'):

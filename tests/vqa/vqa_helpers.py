@@ -123,7 +123,7 @@ def _torch_inputs(model, batch: dict, pixels: np.ndarray) -> dict:
           'pixel_values': torch.tensor(pixels.transpose(0, 3, 1, 2))}
 
 
-def _model(directory: str):
+def _model(directory: str, dtype=None):
   """In eager attention: ``transformers``' SDPA path drops Gemma 2's
   attention soft-capping."""
   import json  # pylint: disable=g-import-not-at-top
@@ -132,17 +132,21 @@ def _model(directory: str):
   with open(os.path.join(directory, 'config.json')) as f:
     kind = json.load(f)['model_type']
   return _model_class(kind).from_pretrained(
-      directory, dtype=torch.float32, attn_implementation='eager').eval()
+      directory, dtype=dtype or torch.float32,
+      attn_implementation='eager').eval()
 
 
-def transformers_logits(directory: str, batch: dict,
-                        pixels: np.ndarray) -> np.ndarray:
-  """``transformers``' float32 logits of ``build_inputs`` rows (NHWC
-  images, given to it as NCHW)."""
+def transformers_logits(directory: str, batch: dict, pixels: np.ndarray,
+                        bfloat16: bool = False) -> np.ndarray:
+  """``transformers``' logits of ``build_inputs`` rows (NHWC images, given
+  to it as NCHW), in float32 (the model in float32, or in bfloat16)."""
   import torch  # pylint: disable=g-import-not-at-top
-  model = _model(directory)
+  dtype = torch.bfloat16 if bfloat16 else torch.float32
+  model = _model(directory, dtype)
+  inputs = _torch_inputs(model, batch, pixels)
+  inputs['pixel_values'] = inputs['pixel_values'].to(dtype)
   with torch.no_grad():
-    return model(**_torch_inputs(model, batch, pixels)).logits.numpy()
+    return model(**inputs).logits.float().numpy()
 
 
 def transformers_logits_float64(directory: str, batch: dict,
