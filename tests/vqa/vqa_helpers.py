@@ -188,7 +188,8 @@ def transformers_generate(directory: str, batch: dict, pixels: np.ndarray, *,
 
 
 # The published models' config.json, as their folders on the Hub hold them
-# (keys they leave out take transformers' defaults).
+# (written from memory, not fetched; keys they leave out take transformers'
+# defaults).
 _SIGLIP_SO400M = {'hidden_size': 1152, 'intermediate_size': 4304,
                   'model_type': 'siglip_vision_model',
                   'num_attention_heads': 16,
