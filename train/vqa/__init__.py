@@ -1,0 +1,1 @@
+"""Visual question answering with SPD: PaliGemma LoRA on VQAv2 (issue 26)."""

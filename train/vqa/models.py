@@ -1,0 +1,385 @@
+"""Vision-language models for VQA: load, adapt, run, decode.
+
+``load(folder, mesh=...)`` builds, from a Hugging Face folder, PaliGemma
+(``train.vqa.paligemma``: Tunix's SigLIP + projector + Tunix's Gemma 1/2
+decoder) with every leaf from the folder's safetensors, under the checks of
+``train.language.hf_weights`` (every tensor used, every leaf set, shapes
+and non-finite values named by file and tensor). ``build_inputs`` lays
+questions out as PaliGemma's processor does::
+
+    <image> x N  <bos>  prompt  \\n  |  answer  <eos>  <pad> ...
+    '------------ prefix -----------'   '-- suffix --'
+
+(full attention over the prefix, causal over the suffix, the loss on the
+suffix), ``preprocess`` resizes and normalises images as its image
+processor does, ``logits`` runs the model and ``generate`` decodes greedily
+with a key/value cache. ``add_lora`` puts qwix LoRA adapters on the
+decoder's projections (and optionally on SigLIP's attention).
+"""
+
+import dataclasses
+import functools
+import logging
+import re
+from typing import Any, Optional
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import qwix
+
+from train.language import families
+from train.language import hf_weights
+from train.language import models as lm
+from train.vqa import paligemma
+
+PROMPT_TEMPLATE = 'answer en {question}'  # PaliGemma's VQA transfers.
+# SigLIP's attention projections, by the decoder's Hugging Face names.
+_VISION_PROJECTIONS = {'q_proj': 'query_proj', 'k_proj': 'key_proj',
+                       'v_proj': 'value_proj', 'o_proj': 'out_proj'}
+_VISION_PATH = r'vision_encoder/siglip_encoder/transformer/blocks/\d+/attn/'
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A loaded vision-language model and what it is."""
+  model: nnx.Module  # paligemma.PaliGemma
+  kind: str  # 'paligemma'
+  config: Any  # Tunix's decoder ModelConfig.
+  image_size: int  # Pixels of a side (224 for paligemma-3b-pt-224).
+  num_image_tokens: int  # (image_size / patch) ** 2: 256 at 224 px.
+  image_token_id: int
+  report: dict  # What was read, for the log.
+
+
+# -- Loading ------------------------------------------------------------------
+
+def _read(folder: str) -> tuple[dict, str]:
+  hf, where = families.read_config(folder)
+  if hf.get('model_type') != 'paligemma':
+    raise ValueError(f'{where}: model_type {hf.get("model_type")!r} is not'
+                     ' a vision-language model we support; known: paligemma.')
+  for key in ('text_config', 'vision_config'):
+    if not isinstance(hf.get(key), dict):
+      raise ValueError(f'{where}: key {key!r} is missing.')
+  return hf, where
+
+
+def _configs(hf: dict, where: str, dtype, remat: str):
+  """``(text, vision, image_token_id)``: Tunix's configs of config.json."""
+  text = dict(hf['text_config'])
+  text.setdefault('vocab_size', hf.get('vocab_size'))
+  sharding = families.with_batch_axes(
+      paligemma.gemma_lib.ShardingConfig.get_default_sharding())
+  tcfg = paligemma.text_config(text, where, sharding)
+  tcfg = dataclasses.replace(
+      tcfg, remat_config=paligemma.gemma_lib.RematConfig[remat])
+  image_token_id = hf.get('image_token_index', hf.get('image_token_id'))
+  if image_token_id is None:
+    raise ValueError(f'{where}: key \'image_token_index\' is missing.')
+  vcfg = paligemma.vision_config(hf['vision_config'], where,
+                                 image_token_id=image_token_id)
+  projection = hf.get('projection_dim', tcfg.embed_dim)
+  if projection != tcfg.embed_dim:
+    raise ValueError(f'{where}: projection_dim={projection} differs from'
+                     f' text_config.hidden_size={tcfg.embed_dim}.')
+  if not hf.get('tie_word_embeddings', True) or not text.get(
+      'tie_word_embeddings', True):
+    raise ValueError(f'{where}: tie_word_embeddings=False: Tunix\'s Gemma'
+                     ' decodes with the embedding; refusing.')
+  del dtype
+  return tcfg, vcfg, int(image_token_id)
+
+
+def _sources(folder: str, tcfg, vcfg) -> tuple[dict, list]:
+  sources, raw, ignored = hf_weights.collect(
+      folder, paligemma.tensor_map(tcfg, vcfg), ignore_vision=False)
+  sources = hf_weights.fuse_qkv(
+      sources, fused_qkv=tcfg.num_heads == tcfg.num_kv_heads)
+  sources = {paligemma.decoder_leaf(k): v for k, v in sources.items()}
+  head = sources.pop('unused.lm_head.weight', None)
+  if head is not None:
+    embedding = sources['decoder.embedder.input_embedding']
+    hf_weights._equal(raw[head.names[0]], raw[embedding.names[0]])()  # pylint: disable=protected-access
+  return sources, ignored
+
+
+def load(folder: str, *, mesh: jax.sharding.Mesh, dtype: str = 'float32',
+         remat: bool | str = False) -> Loaded:
+  """The folder's PaliGemma, every leaf from its safetensors, on ``mesh``.
+
+  Args:
+    folder: a ``PaliGemmaForConditionalGeneration`` folder (``config.json``,
+      ``*.safetensors``).
+    mesh: with axes 'data', 'fsdp' and 'tp'.
+    dtype: of the weights and the computation ('float32' for checks).
+    remat: Tunix's decoder ``RematConfig`` name ('NONE', 'BLOCK',
+      'DECODER'), or a bool (True: 'BLOCK').
+
+  Raises:
+    ValueError: a config.json key Tunix cannot compute as ``transformers``
+      does, or weights that do not fit, by name (file, tensor, leaf).
+  """
+  remat = {True: 'BLOCK', False: 'NONE'}.get(remat, remat)
+  hf, where = _read(folder)
+  tcfg, vcfg, image_token_id = _configs(hf, where, dtype, remat)
+  jdtype = families.DTYPES[dtype]
+  with jax.set_mesh(mesh):
+    abstract = nnx.eval_shape(lambda: paligemma.PaliGemma(
+        tcfg, vcfg, image_token_id=image_token_id, rngs=nnx.Rngs(0),
+        dtype=jdtype))
+  graphdef, state = nnx.split(abstract)
+  like = state.to_pure_dict()
+  leaves = lm._flat(like)  # pylint: disable=protected-access
+  shardings = lm._flat(nnx.get_named_sharding(state, mesh).to_pure_dict())  # pylint: disable=protected-access
+  sources, ignored = _sources(folder, tcfg, vcfg)
+  hf_weights.check_structure(sources, leaves)
+  np_dtype = np.dtype(jdtype)
+  values = {k: hf_weights.place(sources[k], np_dtype, shardings[k])
+            for k in leaves}
+  model = nnx.merge(graphdef, lm._unflat(values, like))  # pylint: disable=protected-access
+  if ignored:
+    logging.info('Left unread on purpose (%d): %s', len(ignored),
+                 ', '.join(ignored[:5]))
+  size = vcfg.image_height
+  return Loaded(model, 'paligemma', tcfg, size,
+                vcfg.num_mm_tokens_per_image, image_token_id,
+                {'kind': 'paligemma', 'tensors': len(sources),
+                 'ignored': len(ignored), 'dtype': dtype,
+                 'decoder': hf['text_config'].get('model_type')})
+
+
+# -- LoRA ---------------------------------------------------------------------
+
+def lora_paths(loaded: Loaded, targets: tuple[str, ...], *,
+               vision: bool) -> list[str]:
+  """qwix module-path regexes of the projections ``targets`` names."""
+  decoder = [r'decoder/layers/\d+/' + re.escape(p)
+             for p in lm.lora_paths(_as_language(loaded), targets)]
+  if not vision:
+    return decoder
+  names = sorted({_VISION_PROJECTIONS[t] for t in targets
+                  if t in _VISION_PROJECTIONS})
+  if not names:
+    raise ValueError(f'config.model.lora.targets={targets!r}: vision LoRA'
+                     f' adapts SigLIP\'s attention; name one of'
+                     f' {sorted(_VISION_PROJECTIONS)}.')
+  return decoder + [_VISION_PATH + n for n in names]
+
+
+def _as_language(loaded: Loaded) -> lm.Loaded:
+  """The decoder as ``train.language`` sees it: Gemma's projection names."""
+  family = dataclasses.replace(families.GEMMA3, name=loaded.kind)
+  return lm.Loaded(loaded.model, family, loaded.config, {})
+
+
+def _lora_graph(loaded: Loaded, spec: lm.LoraSpec, paths: list[str],
+                seed: int):
+  provider = qwix.LoraProvider(
+      module_path='|'.join(f'(?:{p})' for p in paths),
+      rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
+      lora_a_initializer=lm._LORA_A_INIT, lora_b_initializer=lm._LORA_B_INIT)  # pylint: disable=protected-access
+  abstract = nnx.eval_shape(lambda: qwix.apply_lora_to_model(
+      loaded.model, provider, rngs=nnx.Rngs(seed),
+      **loaded.model.get_model_input()))
+  return nnx.split(abstract, nnx.LoRAParam, ...)
+
+
+def add_lora(loaded: Loaded, spec: lm.LoraSpec, *, mesh, seed: int,
+             vision: bool = False) -> lm.Adapted:
+  """qwix LoRA on the decoder's ``spec.targets`` (and SigLIP's attention).
+
+  A is drawn as PEFT does, B is zero, both float32. With ``vision=True``
+  the SigLIP attention projections among the targets are adapted too, and
+  Tunix's ``apply_stop_gradient`` (on by default, which would give those
+  adapters no gradient) is switched off on ``loaded.model``.
+  """
+  paths = lora_paths(loaded, spec.targets, vision=vision)
+  loaded.model.vision_encoder.apply_stop_gradient = not vision
+  with jax.set_mesh(mesh):
+    graphdef, lora_abstract, rest = _lora_graph(loaded, spec, paths, seed)
+    eval_graphdef, _, _ = _lora_graph(
+        loaded, dataclasses.replace(spec, dropout=0.0), paths, seed)
+  adapted = ['/'.join(map(str, p[:-1])) for p, _ in
+             nnx.to_flat_state(lora_abstract)]
+  for path in paths:
+    if not any(re.fullmatch(path, a) for a in adapted):
+      raise ValueError(f'LoRA found no module matching {path!r} in'
+                       f' {loaded.kind} (qwix matched nothing).')
+  base = nnx.state(loaded.model)
+  if ({p for p, _ in nnx.to_flat_state(rest)}
+      != {p for p, _ in nnx.to_flat_state(base)}):
+    raise ValueError('qwix changed the base model\'s variables; expected'
+                     ' only nnx.LoRAParam leaves to be added.')
+  return lm.Adapted(graphdef, eval_graphdef,
+                    lm._init_lora(lora_abstract, mesh, seed), base)  # pylint: disable=protected-access
+
+
+# -- Inputs -------------------------------------------------------------------
+
+def preprocess(images_uint8: np.ndarray, image_size: int) -> np.ndarray:
+  """PaliGemma's image processor: ``[B, H, W, 3]`` uint8 -> ``[B, S, S, 3]``.
+
+  Each image is resized to ``S x S`` (PIL's bicubic), rescaled by 1/255 and
+  normalised with mean 0.5 and std 0.5: :math:`x = (p / 255 - 0.5) / 0.5`,
+  in [-1, 1].
+  """
+  images = np.asarray(images_uint8)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f'Images must be uint8 [B, H, W, 3]; got {images.dtype}'
+                     f' {images.shape}.')
+  out = np.empty((len(images), image_size, image_size, 3), np.float32)
+  for i, image in enumerate(images):
+    resized = Image.fromarray(image).resize((image_size, image_size),
+                                            Image.Resampling.BICUBIC)
+    out[i] = np.asarray(resized, np.float32)
+  return ((out * np.float32(1 / 255) - np.float32(0.5))
+          / np.float32(0.5)).astype(np.float32)
+
+
+def _special(tokenizer, name: str) -> int:
+  value = getattr(tokenizer, f'{name}_token_id', None)
+  if value is None:
+    raise ValueError(f'The tokenizer {type(tokenizer).__name__} has no'
+                     f' {name} token; PaliGemma\'s format needs one.')
+  return int(value)
+
+
+def build_inputs(tokenizer, questions: list[str],
+                 answers: Optional[list[str]] = None, *, loaded: Loaded,
+                 max_len: int,
+                 prompt_template: str = PROMPT_TEMPLATE) -> dict[str, np.ndarray]:
+  """Rows as PaliGemma's processor lays them out, right-padded.
+
+  Row ``i``: ``num_image_tokens`` image tokens, BOS, the tokens of
+  ``prompt_template.format(question=questions[i]) + '\\n'`` (the prefix),
+  then, with answers, the tokens of ``answers[i]`` and EOS (the suffix).
+
+  Returns:
+    'tokens' int32 [B, max_len]; 'input_mask' (not padding), 'prefix_mask'
+    (image and prompt) and 'loss_mask' (answer and EOS), bool [B, max_len].
+
+  Raises:
+    ValueError: a row longer than ``max_len`` (naming the row), or a
+      tokenizer without BOS/EOS.
+  """
+  bos, eos = _special(tokenizer, 'bos'), _special(tokenizer, 'eos')
+  pad = getattr(tokenizer, 'pad_token_id', None)
+  pad = eos if pad is None else int(pad)
+  if answers is not None and len(answers) != len(questions):
+    raise ValueError(f'{len(questions)} questions but {len(answers)}'
+                     ' answers.')
+  encode = lambda s: list(tokenizer.encode(s, add_special_tokens=False))
+  shape = (len(questions), max_len)
+  out = {'tokens': np.full(shape, pad, np.int32),
+         'input_mask': np.zeros(shape, bool),
+         'prefix_mask': np.zeros(shape, bool),
+         'loss_mask': np.zeros(shape, bool)}
+  for i, question in enumerate(questions):
+    prefix = ([loaded.image_token_id] * loaded.num_image_tokens + [bos]
+              + encode(prompt_template.format(question=question) + '\n'))
+    suffix = [] if answers is None else encode(answers[i]) + [eos]
+    n = len(prefix) + len(suffix)
+    if n > max_len:
+      raise ValueError(f'Row {i} (question {question!r}) takes {n} tokens'
+                       f' ({loaded.num_image_tokens} for the image);'
+                       f' max_len is {max_len}.')
+    out['tokens'][i, :n] = prefix + suffix
+    out['input_mask'][i, :n] = True
+    out['prefix_mask'][i, :len(prefix)] = True
+    out['loss_mask'][i, len(prefix):n] = True
+  return out
+
+
+# -- Running it ---------------------------------------------------------------
+
+def attention_mask(input_mask: jax.Array, prefix_mask: jax.Array,
+                   length: Optional[int] = None) -> jax.Array:
+  """bool [B, T, length]: causal, full within the prefix, no padding key."""
+  t = input_mask.shape[-1]
+  length = t if length is None else length
+  q, k = jnp.arange(t)[:, None], jnp.arange(length)[None, :]
+  pad = lambda m: jnp.pad(m, ((0, 0), (0, length - t)))
+  within = prefix_mask[:, :, None] & pad(prefix_mask)[:, None, :]
+  return pad(input_mask)[:, None, :] & ((k <= q)[None] | within)
+
+
+def positions_of(input_mask: jax.Array) -> jax.Array:
+  """PaliGemma's 1-based positions, skipping padding."""
+  return jnp.cumsum(input_mask.astype(jnp.int32), axis=-1)
+
+
+def logits(model, tokens, images, input_mask, prefix_mask) -> jax.Array:
+  """float32 [B, T, V]: the model's logits over a batch of rows.
+
+  Args:
+    model: a ``paligemma.PaliGemma`` (with or without adapters).
+    tokens: int32 [B, T] (``build_inputs``).
+    images: float32 [B, S, S, 3] (``preprocess``).
+    input_mask, prefix_mask: bool [B, T].
+  """
+  out, _ = model(tokens, positions_of(input_mask), None,
+                 attention_mask(input_mask, prefix_mask), images)
+  return out.astype(jnp.promote_types(out.dtype, jnp.float32))
+
+
+def _decode(model, tokens, images, input_mask, prefix_mask, *,
+            max_new_tokens: int, eos_id: int, pad_id: int) -> jax.Array:
+  """Greedy decoding (traced): prefill the prefixes, then a token a step.
+
+  Rows are right-padded: every row's next token goes to the same cache
+  slot, and the padding slots before it stay masked.
+  """
+  graphdef, state = nnx.split(model)
+  merged = lambda: nnx.merge(graphdef, state)
+  cfg = model.decoder.config
+  batch, prompt_len = tokens.shape
+  length = prompt_len + max_new_tokens
+  slots = jnp.arange(length)
+  cache = lm.init_cache(lm.cache_spec(cfg), batch, length,
+                        model.decoder.embedder.input_embedding.value.dtype)
+  mask = attention_mask(input_mask, prefix_mask, length)
+  out, cache = merged()(tokens, positions_of(input_mask), cache, mask, images)
+  count = jnp.sum(input_mask, axis=-1).astype(jnp.int32)
+  first = jnp.argmax(jnp.take_along_axis(
+      out, (count - 1)[:, None, None], axis=1)[:, 0], axis=-1)
+  key_valid = jnp.pad(input_mask, ((0, 0), (0, max_new_tokens)))
+
+  def step(carry):
+    t, token, done, cache, key_valid, generated = carry
+    generated = generated.at[:, t].set(jnp.where(done, pad_id, token))
+    done = done | (token == eos_id)
+    key_valid = key_valid.at[:, prompt_len + t].set(True)
+    mask = (key_valid & (slots <= prompt_len + t)[None])[:, None, :]
+    out, cache = merged()(token[:, None], (count + 1 + t)[:, None], cache,
+                          mask)
+    token = jnp.argmax(out[:, -1], axis=-1).astype(jnp.int32)
+    return t + 1, token, done, cache, key_valid, generated
+
+  def running(carry):
+    return (carry[0] < max_new_tokens) & ~jnp.all(carry[2])
+
+  generated = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  carry = (jnp.int32(0), first.astype(jnp.int32),
+           jnp.zeros((batch,), jnp.bool_), cache, key_valid, generated)
+  return jax.lax.while_loop(running, step, carry)[-1]
+
+
+@functools.partial(nnx.jit, static_argnames=('max_new_tokens', 'eos_id',
+                                             'pad_id'))
+def generate(model, tokens, images, input_mask, prefix_mask, *,
+             max_new_tokens: int, eos_id: int, pad_id: int) -> jax.Array:
+  """int32 [B, max_new_tokens]: greedy continuations, jitted, KV-cached.
+
+  Args:
+    model: a ``paligemma.PaliGemma``.
+    tokens, input_mask, prefix_mask: the prefixes (``build_inputs`` without
+      answers), right-padded.
+    images: float32 [B, S, S, 3].
+    max_new_tokens, eos_id, pad_id: decoding stops when every row has
+      produced ``eos_id`` (kept); ``pad_id`` after it.
+  """
+  return _decode(model, tokens, images, input_mask, prefix_mask,
+                 max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
