@@ -20,10 +20,13 @@ PaliGemma folder (``train.vqa.tiny``) the smoke run trains.
 import json
 import os
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 
 from train.vqa import data
+from train.vqa import tiny
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 180, 30),
            'blue': (30, 30, 220), 'yellow': (230, 210, 20)}
@@ -150,3 +153,27 @@ def write_data(root: str, *, num_train: int, num_eval: int, image_size: int,
       val_ids = ids if name == data.ID else val_ids
     else:
       _write_lists(root, layout, examples, first_id)
+
+
+def prepare(directory: str, smoke, *, seed: int) -> tuple[str, str]:
+  """``(model folder, data folder)`` under ``directory``, written once.
+
+  The model is ``train.vqa.tiny``'s random PaliGemma (28-pixel images, 4
+  image tokens, 2 decoder layers) with a word tokenizer of
+  :data:`VOCABULARY`.
+
+  Args:
+    directory: e.g. ``WORKDIR/smoke``.
+    smoke: ``config.smoke`` (num_train, num_eval, image_size).
+    seed: the same seed writes the same files.
+  """
+  model_dir = os.path.join(directory, 'model')
+  data_dir = os.path.join(directory, 'data')
+  if jax.process_index() == 0 and not os.path.exists(
+      os.path.join(model_dir, 'config.json')):
+    write_data(data_dir, num_train=smoke.num_train, num_eval=smoke.num_eval,
+               image_size=smoke.image_size, seed=seed)
+    tokenizer = tiny.word_tokenizer([' '.join(VOCABULARY)])
+    tiny.write_tiny_paligemma(model_dir, tokenizer, seed=seed)
+  multihost_utils.sync_global_devices('smoke inputs written')
+  return model_dir, data_dir
