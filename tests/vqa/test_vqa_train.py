@@ -187,8 +187,8 @@ def test_answers_stop_at_eos_and_fill_the_last_batch():
                          _Tokenizer(), batch_size=3, eos_id=1)
   assert seen == [3, 3]  # The last batch is filled to the compiled size.
   assert out == ['red two', 'two', 'red red red red', 'red two', 'two']
-  assert evaluate.accuracy(rows, out) == 0.0  # No answer is 'red'.
-  assert evaluate.accuracy(rows[:1], ['Red.']) == 100.0
+  assert evaluate.set_accuracy(rows, out) == 0.0  # No answer is 'red'.
+  assert evaluate.set_accuracy(rows[:1], ['Red.']) == 100.0
 
 
 def test_summary_and_table():

@@ -57,7 +57,7 @@ def answers(rows: list[data.Row], generate: Callable[[dict], np.ndarray],
   return out
 
 
-def accuracy(rows: list[data.Row], predicted: list[str]) -> float:
+def set_accuracy(rows: list[data.Row], predicted: list[str]) -> float:
   """A set's VQA accuracy in percent."""
   return 100.0 * metric.mean_accuracy(predicted, [r.answers for r in rows])
 
@@ -83,7 +83,7 @@ def evaluate_sets(sets: dict[str, list[data.Row]], answer_fn, *,
 
   ``answer_fn(rows) -> answers`` (:func:`answers` with the model bound).
   """
-  per_set = {name: accuracy(rows, answer_fn(rows))
+  per_set = {name: set_accuracy(rows, answer_fn(rows))
              for name, rows in sets.items()}
   both = {**per_set, **summary(per_set, near=near, far=far)}
   return {f'{prefix}/{k}': v for k, v in both.items()}

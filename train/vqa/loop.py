@@ -181,7 +181,7 @@ def _held_out_accuracy(run: Run) -> dict[str, float]:
   if not run.val_rows:
     return {}
   predicted = _answer_fn(run, run.lora)(run.val_rows)
-  return {'val/accuracy': evaluate.accuracy(run.val_rows, predicted)}
+  return {'val/accuracy': evaluate.set_accuracy(run.val_rows, predicted)}
 
 
 def _steps(run: Run, start_step: int, session: loop.Session) -> loop.Steps:
