@@ -3,6 +3,7 @@ adapters move, SPD's steps equal the float64 reference on the same adapter
 gradients, the loss is on the answer tokens only, WiSE-FT's endpoints are
 the pre-trained and fine-tuned models, and the evaluation's bookkeeping."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -103,6 +104,24 @@ def test_spd_steps_move_only_adapters_and_equal_the_float64_reference(run):
     assert not np.array_equal(ours[k], start[k]), k
 
 
+_LOGITS = {}  # id(graphdef) -> (graphdef, its jitted logits).
+
+
+def _logits_fn(graphdef):
+  """Jitted float32 logits of the model ``graphdef`` merges (once per graph:
+  a graph holding Tunix's ModelConfig is not hashable)."""
+  if id(graphdef) not in _LOGITS:
+    _LOGITS[id(graphdef)] = (graphdef, jax.jit(
+        lambda lora, base, batch: models.logits(
+            steps.merged(graphdef, lora, base, jnp.float32), batch['tokens'],
+            batch['images'], batch['input_mask'], batch['prefix_mask'])))
+  return _LOGITS[id(graphdef)][1]
+
+
+def _logits(graphdef, lora, base, batch):
+  return _logits_fn(graphdef)(lora, base, batch)
+
+
 def test_loss_is_the_mean_nll_of_the_answer_tokens(run):
   rows = run.train_rows[:2]
   host = loop.encode(run, rows, answers=True)
@@ -116,13 +135,12 @@ def test_loss_is_the_mean_nll_of_the_answer_tokens(run):
     assert host['prefix_mask'][i, :n_img + 1].all()
   batch = {k: jnp.asarray(v) for k, v in host.items()}
   lora = run.adapted.lora.to_pure_dict()
-  loss = steps.loss_fn(run.adapted.eval_graphdef, lora, run.adapted.base,
-                       batch, None, jnp.float32)
-  model = steps.merged(run.adapted.eval_graphdef, lora, run.adapted.base,
-                       jnp.float32)
-  logits = np.asarray(models.logits(
-      model, batch['tokens'], batch['images'], batch['input_mask'],
-      batch['prefix_mask']), np.float64)
+  graphdef = run.adapted.eval_graphdef
+  loss = jax.jit(lambda lora, base, batch: steps.loss_fn(
+      graphdef, lora, base, batch, None, jnp.float32))(
+          lora, run.adapted.base, batch)
+  logits = np.asarray(_logits(graphdef, lora, run.adapted.base, batch),
+                      np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
       -1, keepdims=True)) - logits.max(-1, keepdims=True)
   nll = []
@@ -138,15 +156,13 @@ def test_wise_ft_endpoints_are_the_pretrained_and_finetuned_models(run):
   trained = jax.tree.map(lambda x: x + 0.05, run.adapted.lora.to_pure_dict())
 
   def logits_of(lora):
-    model = steps.merged(run.adapted.eval_graphdef, lora, run.adapted.base,
-                         jnp.float32)
-    return np.asarray(models.logits(model, batch['tokens'], batch['images'],
-                                    batch['input_mask'],
-                                    batch['prefix_mask']))
+    return np.asarray(_logits(run.adapted.eval_graphdef, lora,
+                              run.adapted.base, batch))
 
-  base = np.asarray(models.logits(run.loaded.model, batch['tokens'],
-                                  batch['images'], batch['input_mask'],
-                                  batch['prefix_mask']))
+  graphdef, state = nnx.split(run.loaded.model)  # No adapters at all.
+  base = np.asarray(jax.jit(lambda state, batch: models.logits(
+      nnx.merge(graphdef, state), batch['tokens'], batch['images'],
+      batch['input_mask'], batch['prefix_mask']))(state, batch))
   # Alpha 0 is the loaded model; so is the untrained adapter (B = 0).
   np.testing.assert_allclose(logits_of(wise_ft.scaled(trained, 0.0)), base,
                              atol=1e-5)
