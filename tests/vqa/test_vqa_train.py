@@ -3,6 +3,9 @@ adapters move, SPD's steps equal the float64 reference on the same adapter
 gradients, the loss is on the answer tokens only, WiSE-FT's endpoints are
 the pre-trained and fine-tuned models, and the evaluation's bookkeeping."""
 
+import os
+import shutil
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -219,3 +222,29 @@ def test_summary_and_table():
   assert [r[0] for r in rows] == ['vqav2_val', 'iv_vqa', 'vqa_cp', 'okvqa',
                                   'id', 'near_ood', 'far_ood']
   assert rows[-2] == ['near_ood', 30.0]
+
+
+def test_a_real_run_refuses_a_missing_image_before_training(inputs, tmp_path):
+  model_dir, data_dir = inputs
+  copy = str(tmp_path / 'data')
+  shutil.copytree(data_dir, copy)
+  missing = data.read_set('advqa', copy)[1].image
+  os.remove(missing)
+  config = _config()
+  config.smoke.enabled = False
+  config.model.path, config.data.dir = model_dir, copy
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(FileNotFoundError,
+                     match=f"row 1: field 'image_id': image {missing} does"
+                           ' not exist'):
+    loop.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+
+
+def test_a_question_too_long_is_named_with_the_key_to_raise(run):
+  row = run.train_rows[0]
+  long = data.Row(row.question_id, row.image, 'what ' * 40 + '?',
+                  row.answers)
+  with pytest.raises(ValueError, match=r"Row 0 .*question_id\): \['"
+                     + row.question_id + r"'\]; raise config.data.max_len"):
+    loop.encode(run, [long], answers=True)

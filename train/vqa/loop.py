@@ -138,11 +138,16 @@ def encode(run: Run, rows: list, *, answers: bool) -> dict[str, np.ndarray]:
   """Rows -> PaliGemma's inputs (``models.build_inputs``) and images; with
   ``answers``, the training answer as the suffix."""
   max_len = run.loaded.num_image_tokens + run.config.data.max_len
-  out = models.build_inputs(
-      run.tokenizer, [r.question for r in rows],
-      [data.training_answer(r) for r in rows] if answers else None,
-      loaded=run.loaded, max_len=max_len,
-      prompt_template=run.config.data.prompt)
+  try:
+    out = models.build_inputs(
+        run.tokenizer, [r.question for r in rows],
+        [data.training_answer(r) for r in rows] if answers else None,
+        loaded=run.loaded, max_len=max_len,
+        prompt_template=run.config.data.prompt)
+  except ValueError as e:  # Name the questions and the key to raise.
+    raise ValueError(f'{e} Questions of this batch (by question_id):'
+                     f' {[r.question_id for r in rows]}; raise'
+                     ' config.data.max_len (text tokens).') from e
   out['images'] = data.load_images(rows, models.preprocess,
                                    run.loaded.image_size)
   return out
