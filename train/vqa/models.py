@@ -19,7 +19,9 @@ decoder's projections (and optionally on SigLIP's attention).
 
 import dataclasses
 import functools
+import json
 import logging
+import os
 import re
 from typing import Any, Optional
 
@@ -29,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import qwix
+from tunix.models.gemma3 import utils as gemma3_utils
 
 from train.language import families
 from train.language import hf_weights
 from train.language import models as lm
+from train.vqa import gemma3
 from train.vqa import paligemma
 
 PROMPT_TEMPLATE = 'answer en {question}'  # PaliGemma's VQA transfers.
@@ -45,37 +49,64 @@ _VISION_PATH = r'vision_encoder/siglip_encoder/transformer/blocks/\d+/attn/'
 @dataclasses.dataclass(frozen=True)
 class Loaded:
   """A loaded vision-language model and what it is."""
-  model: nnx.Module  # paligemma.PaliGemma
-  kind: str  # 'paligemma'
+  model: nnx.Module  # paligemma.PaliGemma, or Tunix's Gemma3.
+  kind: str  # 'paligemma' | 'gemma3'
   config: Any  # Tunix's decoder ModelConfig.
   image_size: int  # Pixels of a side (224 for paligemma-3b-pt-224).
-  num_image_tokens: int  # (image_size / patch) ** 2: 256 at 224 px.
+  num_image_tokens: int  # Per image: 256 for PaliGemma-224 and Gemma 3.
   image_token_id: int
   report: dict  # What was read, for the log.
+  # Gemma 3 frames its image tokens: (start_of_image id, end_of_image id).
+  image_frame: Optional[tuple[int, int]] = None
 
 
 # -- Loading ------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How to build one kind from its config.json."""
+  kind: str
+  config: Any  # Tunix's decoder ModelConfig.
+  vision: Any  # Tunix's SigLIPConfig.
+  make: Any  # () -> the model (random, for its structure).
+  tensor_map: dict
+  fused_qkv: bool
+  rename: Any  # A fused q/k/v leaf key -> the model's leaf key.
+  embedding: str  # The token embedding's leaf key.
+  image_token_id: int
+  image_frame: Optional[tuple[int, int]]
+
+
 def _read(folder: str) -> tuple[dict, str]:
-  hf, where = families.read_config(folder)
-  if hf.get('model_type') != 'paligemma':
+  where = os.path.join(folder, 'config.json')
+  if not os.path.isfile(where):
+    raise FileNotFoundError(
+        f'{where} does not exist: the model path must be a Hugging Face'
+        ' folder (config.json, *.safetensors, tokenizer files).')
+  with open(where) as f:
+    hf = json.load(f)
+  if hf.get('model_type') not in ('paligemma', 'gemma3'):
     raise ValueError(f'{where}: model_type {hf.get("model_type")!r} is not'
-                     ' a vision-language model we support; known: paligemma.')
+                     ' a vision-language model we support; known: gemma3,'
+                     ' paligemma.')
   for key in ('text_config', 'vision_config'):
     if not isinstance(hf.get(key), dict):
       raise ValueError(f'{where}: key {key!r} is missing.')
+  if not hf.get('tie_word_embeddings', True) or not hf['text_config'].get(
+      'tie_word_embeddings', True):
+    raise ValueError(f'{where}: tie_word_embeddings=False: Tunix\'s Gemma'
+                     ' decodes with the embedding; refusing.')
   return hf, where
 
 
-def _configs(hf: dict, where: str, dtype, remat: str):
-  """``(text, vision, image_token_id)``: Tunix's configs of config.json."""
+def _paligemma_plan(hf: dict, where: str, dtype, remat: str) -> _Plan:
   text = dict(hf['text_config'])
   text.setdefault('vocab_size', hf.get('vocab_size'))
   sharding = families.with_batch_axes(
       paligemma.gemma_lib.ShardingConfig.get_default_sharding())
-  tcfg = paligemma.text_config(text, where, sharding)
   tcfg = dataclasses.replace(
-      tcfg, remat_config=paligemma.gemma_lib.RematConfig[remat])
+      paligemma.text_config(text, where, sharding),
+      remat_config=paligemma.gemma_lib.RematConfig[remat])
   image_token_id = hf.get('image_token_index', hf.get('image_token_id'))
   if image_token_id is None:
     raise ValueError(f'{where}: key \'image_token_index\' is missing.')
@@ -85,33 +116,42 @@ def _configs(hf: dict, where: str, dtype, remat: str):
   if projection != tcfg.embed_dim:
     raise ValueError(f'{where}: projection_dim={projection} differs from'
                      f' text_config.hidden_size={tcfg.embed_dim}.')
-  if not hf.get('tie_word_embeddings', True) or not text.get(
-      'tie_word_embeddings', True):
-    raise ValueError(f'{where}: tie_word_embeddings=False: Tunix\'s Gemma'
-                     ' decodes with the embedding; refusing.')
-  del dtype
-  return tcfg, vcfg, int(image_token_id)
+  make = lambda: paligemma.PaliGemma(tcfg, vcfg, image_token_id=image_token_id,
+                                     rngs=nnx.Rngs(0), dtype=dtype)
+  return _Plan('paligemma', tcfg, vcfg, make, paligemma.tensor_map(tcfg, vcfg),
+               tcfg.num_heads == tcfg.num_kv_heads, paligemma.decoder_leaf,
+               'decoder.' + hf_weights.EMBEDDING, int(image_token_id), None)
 
 
-def _sources(folder: str, tcfg, vcfg) -> tuple[dict, list]:
-  sources, raw, ignored = hf_weights.collect(
-      folder, paligemma.tensor_map(tcfg, vcfg), ignore_vision=False)
-  sources = hf_weights.fuse_qkv(
-      sources, fused_qkv=tcfg.num_heads == tcfg.num_kv_heads)
-  sources = {paligemma.decoder_leaf(k): v for k, v in sources.items()}
+def _gemma3_plan(hf: dict, where: str, dtype, remat: str) -> _Plan:
+  cfg = gemma3.model_config(hf, where, dtype, remat)
+  frame = tuple(hf.get(k) for k in ('boi_token_index', 'eoi_token_index'))
+  return _Plan('gemma3', cfg, cfg.vision_config,
+               lambda: gemma3.model(cfg, nnx.Rngs(0)), gemma3.tensor_map(cfg),
+               cfg.num_heads == cfg.num_kv_heads, lambda k: k,
+               hf_weights.EMBEDDING, int(cfg.vision_config.soft_token_placeholder),
+               None if None in frame else frame)
+
+
+def _sources(folder: str, plan: _Plan) -> tuple[dict, list]:
+  sources, raw, ignored = hf_weights.collect(folder, plan.tensor_map,
+                                             ignore_vision=False)
+  sources = hf_weights.fuse_qkv(sources, fused_qkv=plan.fused_qkv)
+  sources = {plan.rename(k): v for k, v in sources.items()}
   head = sources.pop('unused.lm_head.weight', None)
-  if head is not None:
-    embedding = sources['decoder.embedder.input_embedding']
+  if head is not None:  # Tied (config.json says so): it must equal.
+    embedding = sources[plan.embedding]
     hf_weights._equal(raw[head.names[0]], raw[embedding.names[0]])()  # pylint: disable=protected-access
   return sources, ignored
 
 
 def load(folder: str, *, mesh: jax.sharding.Mesh, dtype: str = 'float32',
          remat: bool | str = False) -> Loaded:
-  """The folder's PaliGemma, every leaf from its safetensors, on ``mesh``.
+  """The folder's model, every leaf from its safetensors, on ``mesh``.
 
   Args:
-    folder: a ``PaliGemmaForConditionalGeneration`` folder (``config.json``,
+    folder: a ``PaliGemmaForConditionalGeneration`` or
+      ``Gemma3ForConditionalGeneration`` folder (``config.json``,
       ``*.safetensors``).
     mesh: with axes 'data', 'fsdp' and 'tp'.
     dtype: of the weights and the computation ('float32' for checks).
@@ -124,17 +164,16 @@ def load(folder: str, *, mesh: jax.sharding.Mesh, dtype: str = 'float32',
   """
   remat = {True: 'BLOCK', False: 'NONE'}.get(remat, remat)
   hf, where = _read(folder)
-  tcfg, vcfg, image_token_id = _configs(hf, where, dtype, remat)
   jdtype = families.DTYPES[dtype]
+  plan = {'paligemma': _paligemma_plan, 'gemma3': _gemma3_plan}[
+      hf['model_type']](hf, where, jdtype, remat)
   with jax.set_mesh(mesh):
-    abstract = nnx.eval_shape(lambda: paligemma.PaliGemma(
-        tcfg, vcfg, image_token_id=image_token_id, rngs=nnx.Rngs(0),
-        dtype=jdtype))
+    abstract = nnx.eval_shape(plan.make)
   graphdef, state = nnx.split(abstract)
   like = state.to_pure_dict()
   leaves = lm._flat(like)  # pylint: disable=protected-access
   shardings = lm._flat(nnx.get_named_sharding(state, mesh).to_pure_dict())  # pylint: disable=protected-access
-  sources, ignored = _sources(folder, tcfg, vcfg)
+  sources, ignored = _sources(folder, plan)
   hf_weights.check_structure(sources, leaves)
   np_dtype = np.dtype(jdtype)
   values = {k: hf_weights.place(sources[k], np_dtype, shardings[k])
@@ -143,12 +182,12 @@ def load(folder: str, *, mesh: jax.sharding.Mesh, dtype: str = 'float32',
   if ignored:
     logging.info('Left unread on purpose (%d): %s', len(ignored),
                  ', '.join(ignored[:5]))
-  size = vcfg.image_height
-  return Loaded(model, 'paligemma', tcfg, size,
-                vcfg.num_mm_tokens_per_image, image_token_id,
-                {'kind': 'paligemma', 'tensors': len(sources),
+  return Loaded(model, plan.kind, plan.config, plan.vision.image_height,
+                plan.vision.num_mm_tokens_per_image, plan.image_token_id,
+                {'kind': plan.kind, 'tensors': len(sources),
                  'ignored': len(ignored), 'dtype': dtype,
-                 'decoder': hf['text_config'].get('model_type')})
+                 'decoder': hf['text_config'].get('model_type')},
+                plan.image_frame)
 
 
 # -- LoRA ---------------------------------------------------------------------
@@ -156,7 +195,8 @@ def load(folder: str, *, mesh: jax.sharding.Mesh, dtype: str = 'float32',
 def lora_paths(loaded: Loaded, targets: tuple[str, ...], *,
                vision: bool) -> list[str]:
   """qwix module-path regexes of the projections ``targets`` names."""
-  decoder = [r'decoder/layers/\d+/' + re.escape(p)
+  prefix = 'decoder/' if loaded.kind == 'paligemma' else ''
+  decoder = [prefix + r'layers/\d+/' + re.escape(p)
              for p in lm.lora_paths(_as_language(loaded), targets)]
   if not vision:
     return decoder
@@ -175,6 +215,12 @@ def _as_language(loaded: Loaded) -> lm.Loaded:
   return lm.Loaded(loaded.model, family, loaded.config, {})
 
 
+def _model_input(loaded: Loaded) -> dict:
+  if loaded.kind == 'gemma3':
+    return gemma3.model_input(loaded.config)
+  return loaded.model.get_model_input()
+
+
 def _lora_graph(loaded: Loaded, spec: lm.LoraSpec, paths: list[str],
                 seed: int):
   provider = qwix.LoraProvider(
@@ -183,7 +229,7 @@ def _lora_graph(loaded: Loaded, spec: lm.LoraSpec, paths: list[str],
       lora_a_initializer=lm._LORA_A_INIT, lora_b_initializer=lm._LORA_B_INIT)  # pylint: disable=protected-access
   abstract = nnx.eval_shape(lambda: qwix.apply_lora_to_model(
       loaded.model, provider, rngs=nnx.Rngs(seed),
-      **loaded.model.get_model_input()))
+      **_model_input(loaded)))
   return nnx.split(abstract, nnx.LoRAParam, ...)
 
 
@@ -243,7 +289,7 @@ def _special(tokenizer, name: str) -> int:
   value = getattr(tokenizer, f'{name}_token_id', None)
   if value is None:
     raise ValueError(f'The tokenizer {type(tokenizer).__name__} has no'
-                     f' {name} token; PaliGemma\'s format needs one.')
+                     f' {name} token; the prompt format needs one.')
   return int(value)
 
 
@@ -251,11 +297,15 @@ def build_inputs(tokenizer, questions: list[str],
                  answers: Optional[list[str]] = None, *, loaded: Loaded,
                  max_len: int,
                  prompt_template: str = PROMPT_TEMPLATE) -> dict[str, np.ndarray]:
-  """Rows as PaliGemma's processor lays them out, right-padded.
+  """Rows as the kind's processor lays them out, right-padded.
 
-  Row ``i``: ``num_image_tokens`` image tokens, BOS, the tokens of
-  ``prompt_template.format(question=questions[i]) + '\\n'`` (the prefix),
-  then, with answers, the tokens of ``answers[i]`` and EOS (the suffix).
+  PaliGemma (its processor): ``num_image_tokens`` image tokens, BOS, the
+  tokens of ``prompt + '\\n'`` (the prefix; ``prompt`` is
+  ``prompt_template.format(question=questions[i])``), then, with answers,
+  the tokens of ``answers[i]`` and EOS (the suffix). Gemma 3 (its
+  processor's image sequence, then the same prompt and answer): BOS,
+  ``'\\n\\n'``, start-of-image, the image tokens, end-of-image,
+  ``'\\n\\n'``, ``prompt + '\\n'`` | answer, EOS.
 
   Returns:
     'tokens' int32 [B, max_len]; 'input_mask' (not padding), 'prefix_mask'
@@ -278,8 +328,14 @@ def build_inputs(tokenizer, questions: list[str],
          'prefix_mask': np.zeros(shape, bool),
          'loss_mask': np.zeros(shape, bool)}
   for i, question in enumerate(questions):
-    prefix = ([loaded.image_token_id] * loaded.num_image_tokens + [bos]
-              + encode(prompt_template.format(question=question) + '\n'))
+    prompt = encode(prompt_template.format(question=question) + '\n')
+    image = [loaded.image_token_id] * loaded.num_image_tokens
+    if loaded.image_frame is None:
+      prefix = image + [bos] + prompt
+    else:
+      start, end = loaded.image_frame
+      prefix = ([bos] + encode('\n\n') + [start] + image + [end]
+                + encode('\n\n') + prompt)
     suffix = [] if answers is None else encode(answers[i]) + [eos]
     n = len(prefix) + len(suffix)
     if n > max_len:
@@ -295,9 +351,19 @@ def build_inputs(tokenizer, questions: list[str],
 
 # -- Running it ---------------------------------------------------------------
 
+def _is_gemma3(model) -> bool:
+  return isinstance(model, gemma3.gemma3_lib.Gemma3)
+
+
+def _decoder(model):
+  """The module holding the embedder, layers and config."""
+  return model if _is_gemma3(model) else model.decoder
+
+
 def attention_mask(input_mask: jax.Array, prefix_mask: jax.Array,
                    length: Optional[int] = None) -> jax.Array:
-  """bool [B, T, length]: causal, full within the prefix, no padding key."""
+  """PaliGemma's mask, bool [B, T, length]: causal, full within the
+  prefix, no padding key (keys past T: none, until generation fills them)."""
   t = input_mask.shape[-1]
   length = t if length is None else length
   q, k = jnp.arange(t)[:, None], jnp.arange(length)[None, :]
@@ -306,22 +372,61 @@ def attention_mask(input_mask: jax.Array, prefix_mask: jax.Array,
   return pad(input_mask)[:, None, :] & ((k <= q)[None] | within)
 
 
-def positions_of(input_mask: jax.Array) -> jax.Array:
-  """PaliGemma's 1-based positions, skipping padding."""
-  return jnp.cumsum(input_mask.astype(jnp.int32), axis=-1)
+def _mask(model, tokens, input_mask, prefix_mask, length=None):
+  """The kind's mask: Gemma 3's is causal, and full within each image's
+  tokens (Tunix's own mask function)."""
+  if not _is_gemma3(model):
+    return attention_mask(input_mask, prefix_mask, length)
+  mask = gemma3_utils.make_causal_bidirectional_attention_mask(
+      input_mask, bidirectional_mask=tokens == _image_token(model))
+  t = tokens.shape[-1]
+  return jnp.pad(mask, ((0, 0), (0, 0), (0, (length or t) - t)))
+
+
+def _image_token(model) -> int:
+  if _is_gemma3(model):
+    return model.config.vision_config.soft_token_placeholder
+  return model.image_token_id
+
+
+def _first_position(model) -> int:
+  """PaliGemma counts positions from 1 (as transformers' does), Gemma 3
+  from 0."""
+  return 0 if _is_gemma3(model) else 1
+
+
+def positions_of(input_mask: jax.Array, first: int = 1) -> jax.Array:
+  """Positions that skip padding, the first real token's ``first``."""
+  return jnp.maximum(
+      jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1 + first, 0)
+
+
+def _check_window(model, length: int) -> None:
+  """Tunix's sliding masks count keys in cache slots (Gemma 2: against
+  1-based positions; Gemma 3: from the last valid slot), which differs from
+  transformers' once a row (with its padding) reaches the window. Rows stay
+  inside it."""
+  window = _decoder(model).config.sliding_window_size
+  if window is not None and length >= window:
+    raise ValueError(f'Rows of {length} tokens (with the generated ones)'
+                     f' reach the decoder\'s sliding window of {window};'
+                     f' keep them under {window}.')
 
 
 def logits(model, tokens, images, input_mask, prefix_mask) -> jax.Array:
   """float32 [B, T, V]: the model's logits over a batch of rows.
 
   Args:
-    model: a ``paligemma.PaliGemma`` (with or without adapters).
+    model: a ``paligemma.PaliGemma`` or Tunix ``Gemma3`` (with or without
+      adapters).
     tokens: int32 [B, T] (``build_inputs``).
-    images: float32 [B, S, S, 3] (``preprocess``).
+    images: float32 [B, S, S, 3] (``preprocess``), or None (text only).
     input_mask, prefix_mask: bool [B, T].
   """
-  out, _ = model(tokens, positions_of(input_mask), None,
-                 attention_mask(input_mask, prefix_mask), images)
+  _check_window(model, tokens.shape[-1])
+  out, _ = model(tokens, positions_of(input_mask, _first_position(model)),
+                 None, _mask(model, tokens, input_mask, prefix_mask),
+                 images=images)
   return out.astype(jnp.promote_types(out.dtype, jnp.float32))
 
 
@@ -334,14 +439,17 @@ def _decode(model, tokens, images, input_mask, prefix_mask, *,
   """
   graphdef, state = nnx.split(model)
   merged = lambda: nnx.merge(graphdef, state)
-  cfg = model.decoder.config
+  decoder = _decoder(model)
   batch, prompt_len = tokens.shape
   length = prompt_len + max_new_tokens
+  _check_window(model, length)
   slots = jnp.arange(length)
-  cache = lm.init_cache(lm.cache_spec(cfg), batch, length,
-                        model.decoder.embedder.input_embedding.value.dtype)
-  mask = attention_mask(input_mask, prefix_mask, length)
-  out, cache = merged()(tokens, positions_of(input_mask), cache, mask, images)
+  cache = lm.init_cache(lm.cache_spec(decoder.config), batch, length,
+                        decoder.embedder.input_embedding.value.dtype)
+  first_position = _first_position(model)
+  out, cache = merged()(
+      tokens, positions_of(input_mask, first_position), cache,
+      _mask(model, tokens, input_mask, prefix_mask, length), images=images)
   count = jnp.sum(input_mask, axis=-1).astype(jnp.int32)
   first = jnp.argmax(jnp.take_along_axis(
       out, (count - 1)[:, None, None], axis=1)[:, 0], axis=-1)
@@ -353,8 +461,8 @@ def _decode(model, tokens, images, input_mask, prefix_mask, *,
     done = done | (token == eos_id)
     key_valid = key_valid.at[:, prompt_len + t].set(True)
     mask = (key_valid & (slots <= prompt_len + t)[None])[:, None, :]
-    out, cache = merged()(token[:, None], (count + 1 + t)[:, None], cache,
-                          mask)
+    out, cache = merged()(token[:, None],
+                          (count + first_position + t)[:, None], cache, mask)
     token = jnp.argmax(out[:, -1], axis=-1).astype(jnp.int32)
     return t + 1, token, done, cache, key_valid, generated
 
@@ -374,7 +482,7 @@ def generate(model, tokens, images, input_mask, prefix_mask, *,
   """int32 [B, max_new_tokens]: greedy continuations, jitted, KV-cached.
 
   Args:
-    model: a ``paligemma.PaliGemma``.
+    model: a ``paligemma.PaliGemma`` or Tunix ``Gemma3``.
     tokens, input_mask, prefix_mask: the prefixes (``build_inputs`` without
       answers), right-padded.
     images: float32 [B, S, S, 3].

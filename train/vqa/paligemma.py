@@ -252,11 +252,9 @@ class PaliGemma(nnx.Module):
                              attention_mask)
       if cache is not None:
         new_cache[name] = layer_cache
-    logits = decoder.embedder.decode(decoder.final_norm(x))
-    if decoder.final_logits_softcap is not None:
-      cap = decoder.final_logits_softcap
-      logits = jnp.tanh(logits / cap) * cap
-    return logits, new_cache
+    # No final soft-capping: transformers' PaliGemma 2 leaves its Gemma 2's
+    # final_logit_softcapping unapplied (greedy tokens are the same).
+    return decoder.embedder.decode(decoder.final_norm(x)), new_cache
 
   def get_model_input(self) -> dict:
     """A dummy input (for qwix's abstract trace of the LoRA graph)."""
