@@ -248,3 +248,25 @@ def test_a_question_too_long_is_named_with_the_key_to_raise(run):
   with pytest.raises(ValueError, match=r"Row 0 .*question_id\): \['"
                      + row.question_id + r"'\]; raise config.data.max_len"):
     loop.encode(run, [long], answers=True)
+
+
+@pytest.mark.slow  # A whole run in-process: ~30 s of compiling.
+def test_the_gemma3_variant_trains_and_evaluates(inputs, tmp_path):
+  from tests.vqa import vqa_helpers  # pylint: disable=g-import-not-at-top
+  model_dir = vqa_helpers.save_tiny('gemma3', str(tmp_path / 'gemma3'),
+                                    seed=vqa_helpers.SEEDS['gemma3'])
+  config = vqa.get_config('gemma3_4b,spd')
+  config.model.update(dict(path=model_dir, dtype='float32'))
+  config.model.lora.update(dict(rank=4, alpha=4.0))
+  config.data.update(dict(dir=inputs[1], val_size=8, max_val_examples=2,
+                          max_eval_examples=2, near_ood=('vqa_cp',),
+                          far_ood=('okvqa',)))
+  config.eval.max_new_tokens = 2
+  config.update(dict(batch_size=4, micro_batch_size=2, eval_batch_size=2,
+                     num_train_steps=2, log_every_steps=1,
+                     eval_every_steps=2, checkpoint_every_steps=2))
+  results = loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert sorted(results) == sorted(
+      f'test/{n}' for n in ('vqav2_val', 'vqa_cp', 'okvqa', 'id', 'near_ood',
+                            'far_ood'))
+  assert all(0.0 <= v <= 100.0 for v in results.values())
