@@ -35,17 +35,18 @@ def _command(workdir, *overrides, config='configs/vqa.py:smoke'):
           f'--workdir={workdir}', *overrides]
 
 
-def _env(cache_dir=None):
+def _env(cache_dir=None, num_devices=1):
   extra = {}
   if cache_dir is not None:  # Compiled programs shared between the runs.
     extra = dict(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return trainlib.env_with_devices(1, **extra)
+  return trainlib.env_with_devices(num_devices, **extra)
 
 
-def _run(workdir, *overrides, cache_dir=None, check=True):
-  result = subprocess.run(_command(workdir, *overrides), env=_env(cache_dir),
+def _run(workdir, *overrides, cache_dir=None, check=True, num_devices=1):
+  result = subprocess.run(_command(workdir, *overrides),
+                          env=_env(cache_dir, num_devices),
                           cwd=trainlib.REPO, capture_output=True, text=True,
                           timeout=400)
   if check:
@@ -135,3 +136,16 @@ def test_zero_shot_is_wise_ft_at_alpha_0_through_the_same_command(
     assert whole_metrics[f'test/alpha_0/{name}'] == zero_metrics[
         f'test/{name}']
     assert f'test/alpha_1/{name}' in whole_metrics
+
+
+def test_two_devices_equal_one(whole, cache, tmp_path):
+  """Rows and adapters split over 'fsdp' (2 fake CPU devices; a micro-batch
+  of 2 rows splits over 2 shards): the same run to float32 noise."""
+  wide = str(tmp_path / 'wide')
+  _run(wide, *WISE, '--config.mesh.fsdp=2', cache_dir=cache, num_devices=2)
+  model_a, opt_a, rows_a = _state(whole)
+  model_b, opt_b, rows_b = _state(wide)
+  trainlib.assert_trees_equal(model_a, model_b, rtol=1e-5, atol=1e-6)
+  trainlib.assert_trees_equal(opt_a, opt_b, rtol=1e-4, atol=1e-7)
+  trainlib.assert_rows_equal(rows_a, rows_b, rtol=1e-5, atol_for={
+      k: 1e-6 for r in rows_a for k in r})
