@@ -4,7 +4,7 @@ Every set is read into :class:`Row` s (question id, image path, question,
 the ten human answers), each checked: a malformed row is refused naming the
 file, the row and the field, and so is a row whose image file is missing.
 :data:`LAYOUTS` says where each set's files lie under ``data.dir`` (the
-publishers' names, see ``configs/vqa.py``) and which of five formats they
+publishers' names, see ``configs/vqa.py``) and which of six formats they
 are in:
 
 - ``'vqa'``: the VQA API's pair of files, ``{"questions": [{question_id,
@@ -188,7 +188,7 @@ def _image(folder: str, name: str, where: str, field: str) -> str:
   return path
 
 
-def _row(where: str, question_id: Any, image: str, question: str,
+def _row(question_id: Any, image: str, question: str,
          answers: tuple[str, ...]) -> Row:
   return Row(str(question_id), image, question, answers)
 
@@ -222,7 +222,7 @@ def _joined(questions: list, qpath: str, answers: dict, apath: str,
       raise ValueError(f'{where}: field \'question_id\' {qid!r} has no'
                        f' annotation in {apath}.')
     image = _image(images, name_of(q, where), where, 'image_id')
-    rows.append(_row(where, qid, image, question, answers[qid]))
+    rows.append(_row(qid, image, question, answers[qid]))
   return rows
 
 
@@ -281,7 +281,7 @@ def _read_lavis(unused_layout: Layout, paths: Sequence[str],
     question = _field(r, 'question', (str,), where)
     answers = _answers(r, where, nested=False)
     image = _image(images, _field(r, 'image', (str,), where), where, 'image')
-    rows.append(_row(where, qid, image, question, answers))
+    rows.append(_row(qid, image, question, answers))
   return rows
 
 
@@ -296,7 +296,7 @@ def _read_textvqa(layout: Layout, paths: Sequence[str],
     answers = _answers(r, where, nested=False)
     name = layout.image_name.format(
         image_id=_field(r, 'image_id', (str,), where))
-    rows.append(_row(where, qid, _image(images, name, where, 'image_id'),
+    rows.append(_row(qid, _image(images, name, where, 'image_id'),
                      question, answers))
   return rows
 
@@ -310,7 +310,7 @@ def _read_vizwiz(unused_layout: Layout, paths: Sequence[str],
     name = _field(r, 'image', (str,), where)
     question = _field(r, 'question', (str,), where)
     answers = _answers(r, where, nested=True)
-    rows.append(_row(where, name, _image(images, name, where, 'image'),
+    rows.append(_row(name, _image(images, name, where, 'image'),
                      question, answers))
   return rows
 

@@ -93,7 +93,7 @@ def table(results: dict[str, float], prefixes: Sequence[str],
           sets: Sequence[str]) -> tuple[list[list], list[str]]:
   """The final table: one row per set then the summary, one column per
   prefix (the fine-tuned model, or each WiSE-FT alpha)."""
-  names = [s for s in sets] + list(SUMMARY)
+  names = list(sets) + list(SUMMARY)
   rows = [[n] + [results.get(f'{p}/{n}', float('nan')) for p in prefixes]
           for n in names if any(f'{p}/{n}' in results for p in prefixes)]
   return rows, ['set'] + [f'{p} %' for p in prefixes]

@@ -85,6 +85,10 @@ def _dump(obj, path: str) -> None:
     json.dump(obj, f)
 
 
+def _most_common(answers: list[str]) -> str:
+  return max(answers, key=answers.count)
+
+
 def _nested(answers: list[str]) -> list[dict]:
   return [{'answer': a, 'answer_confidence': 'yes', 'answer_id': j + 1}
           for j, a in enumerate(answers)]
@@ -95,13 +99,17 @@ def _write_vqa(root, layout, examples, first_id) -> list[int]:
   questions, annotations, ids = [], [], []
   for k, (image, question, answers) in enumerate(examples):
     image_id = qid = first_id + k
-    split = 'val2014' if k % 2 else 'train2014'  # Used by VQA-CP's layout.
+    split = 'val2014' if k % 2 else 'train2014'  # VQA-CP's: both.
     _save(image, os.path.join(root, layout.images, layout.image_name.format(
         image_id=image_id, split=split)))
-    questions.append({'question_id': qid, 'image_id': image_id,
-                      'question': question, 'coco_split': split})
-    annotations.append({'question_id': qid, 'image_id': image_id,
-                        'answers': _nested(answers), 'coco_split': split})
+    entry = {'question_id': qid, 'image_id': image_id, 'question': question}
+    annotation = {'question_id': qid, 'image_id': image_id,
+                  'answers': _nested(answers),
+                  'multiple_choice_answer': _most_common(answers)}
+    if layout.format == 'vqacp':
+      entry['coco_split'] = annotation['coco_split'] = split
+    questions.append(entry)
+    annotations.append(annotation)
     ids.append(qid)
   qpath, apath = (os.path.join(root, f) for f in layout.files[-2:])
   if layout.format == 'vqacp':  # Plain lists.
