@@ -88,7 +88,7 @@ def test_the_smoke_as_the_docs_run_it(tmp_path):
   lines = result.stdout.splitlines()
   assert lines[0].split() == ['set', 'test', '%']
   names = [line.split()[0] for line in lines[2:]]
-  assert names == list(SETS) + ['id', 'near_ood', 'far_ood']
+  assert names == ['held_out'] + list(SETS) + ['id', 'near_ood', 'far_ood']
   with open(os.path.join(workdir, 'result.json')) as f:
     metrics = json.load(f)['metrics']
   for line in lines[2:]:
@@ -130,7 +130,8 @@ def test_zero_shot_is_wise_ft_at_alpha_0_through_the_same_command(
     zero_metrics = json.load(f)['metrics']
   with open(os.path.join(whole, 'result.json')) as f:
     whole_metrics = json.load(f)['metrics']
-  names = ('vqav2_val', 'vqa_cp', 'okvqa', 'id', 'near_ood', 'far_ood')
+  names = ('held_out', 'vqav2_val', 'vqa_cp', 'okvqa', 'id', 'near_ood',
+           'far_ood')
   assert sorted(zero_metrics) == sorted(f'test/{n}' for n in names)
   for name in names:  # Alpha 0 is the pre-trained model.
     assert whole_metrics[f'test/alpha_0/{name}'] == zero_metrics[

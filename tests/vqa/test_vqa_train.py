@@ -267,6 +267,6 @@ def test_the_gemma3_variant_trains_and_evaluates(inputs, tmp_path):
                      eval_every_steps=2, checkpoint_every_steps=2))
   results = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert sorted(results) == sorted(
-      f'test/{n}' for n in ('vqav2_val', 'vqa_cp', 'okvqa', 'id', 'near_ood',
-                            'far_ood'))
+      f'test/{n}' for n in ('held_out', 'vqav2_val', 'vqa_cp', 'okvqa', 'id',
+                            'near_ood', 'far_ood'))
   assert all(0.0 <= v <= 100.0 for v in results.values())

@@ -5,9 +5,9 @@ Read top to bottom: refuse a bad config, hold the workdir, check it holds
 this config's run; build the mesh, load the model and add the adapters, read
 the sets; restore the newest checkpoint; train (the held-out part of VQAv2
 train scored every ``eval_every_steps``), checkpointing the adapters and the
-optimizer state; finally evaluate VQAv2 val and the OOD sets (at each
-WiSE-FT alpha when ``wise_ft.alphas`` is set), write ``result.json`` and
-print the table. ``num_train_steps=0`` evaluates the pre-trained model: the
+optimizer state; finally evaluate the held-out rows, VQAv2 val and the OOD
+sets (at each WiSE-FT alpha when ``wise_ft.alphas`` is set: the held-out
+row picks one), write ``result.json`` and print the table. ``num_train_steps=0`` evaluates the pre-trained model: the
 adapters' B is zero at the start, so the model is the loaded one.
 
 It stands on the loop skeleton (``train.core.loop``) as the LLM recipe does,
@@ -48,6 +48,7 @@ from train.vqa import wise_ft
 # What may change between a run and its resumption: how it is watched and
 # saved, the mesh, the final evaluation.
 RESUMABLE = run_identity.RESUMABLE + ('eval', 'eval_batch_size', 'wise_ft')
+HELD_OUT = 'held_out'  # The final table's row of the held-out VQAv2 rows.
 MODEL_FILES = ('*.safetensors', 'config.json', 'tokenizer*', '*.model',
                'special_tokens_map.json')
 
@@ -231,10 +232,12 @@ def _final_results(run: Run, workdir: str, writer) -> dict[str, float]:
     with open(path) as f:
       return json.load(f)['metrics']
   results = {}
+  # The held-out rows too: what picks among runs (and WiSE-FT's alphas).
+  sets = ({HELD_OUT: run.val_rows} if run.val_rows else {}) | run.eval_sets
   for prefix, alpha in _prefixes(run.config):
     lora = run.lora if alpha == 1.0 else wise_ft.scaled(run.lora, alpha)
     results.update(evaluate.evaluate_sets(
-        run.eval_sets, _answer_fn(run, lora), near=run.config.data.near_ood,
+        sets, _answer_fn(run, lora), near=run.config.data.near_ood,
         far=run.config.data.far_ood, prefix=prefix))
   writer.write(run.config.num_train_steps, results)
   if jax.process_index() == 0:
@@ -273,7 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     results = _final_results(run, workdir, session.writer)
   if results:
     prefixes = [p for p, _ in _prefixes(config)]
-    loop.print_table(*evaluate.table(results, prefixes, _eval_sets(config)))
+    loop.print_table(*evaluate.table(results, prefixes,
+                                     (HELD_OUT,) + _eval_sets(config)))
   return results
 
 
