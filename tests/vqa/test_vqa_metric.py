@@ -1,6 +1,8 @@
 """VQA accuracy on hand-written cases, the expected values worked out by hand
 from the official script's rules (see train/vqa/metric.py)."""
 
+import hypothesis
+from hypothesis import strategies as st
 import pytest
 
 from train.vqa import metric
@@ -115,3 +117,29 @@ def test_bad_input_refused():
     metric.mean_accuracy(['a', 'b'], [['a'] * 10])
   with pytest.raises(ValueError, match='No questions'):
     metric.mean_accuracy([], [])
+
+
+def _literal_official(prediction, answers):
+  """The official loop, written out: for each answer left out, count the
+  other nine that equal the normalised prediction."""
+  predicted = metric.normalize_prediction(prediction)
+  if len(set(answers)) > 1:
+    answers = [metric.process_punctuation(a) for a in answers]
+  scores = []
+  for i in range(len(answers)):
+    others = answers[:i] + answers[i + 1:]
+    scores.append(min(1.0, sum(a == predicted for a in others) / 3))
+  return sum(scores) / len(scores)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    answers=st.lists(st.sampled_from(['2', 'two', 'cat', 'a cat', 'cat!',
+                                      'black-and-white', 'black and white',
+                                      "don't", 'yes']), min_size=10,
+                     max_size=10),
+    prediction=st.sampled_from(['Two', '2', 'The cat', 'cat', 'dont',
+                                'black and white', 'Yes.', 'no']))
+def test_leave_one_out_mean_equals_the_literal_loop(answers, prediction):
+  assert metric.accuracy(prediction, answers) == pytest.approx(
+      _literal_official(prediction, answers), abs=1e-12)
