@@ -241,6 +241,31 @@ def test_a_real_run_refuses_a_missing_image_before_training(inputs, tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
 
 
+def test_rows_too_long_are_refused_before_training(run):
+  rows = run.train_rows[:6]
+  check = lambda max_len, named: loop._check_lengths(  # pylint: disable=protected-access
+      _with_max_len(run.config, max_len), run.loaded, run.tokenizer, named)
+  # The text tokens of each row exactly as build_inputs lays it out: the
+  # longest fits its own length and not one less.
+  lengths = loop.encode(run, rows, answers=True)['input_mask'].sum(axis=1) - (
+      run.loaded.num_image_tokens)
+  longest = int(lengths.max())
+  check(longest, {'t': (rows, True)})
+  with pytest.raises(ValueError, match=f'max_len={longest - 1}:'
+                     f' {int((lengths == longest).sum())} rows of \'t\''):
+    check(longest - 1, {'t': (rows, True)})
+  long = data.Row('77', rows[0].image, 'what ' * 40 + '?', rows[0].answers)
+  with pytest.raises(ValueError, match=r"rows of 'okvqa' need more text"
+                     r" tokens \(up to \d+\), e.g. question ids \['77'\]"):
+    check(16, {'okvqa': ([long], False)})
+
+
+def _with_max_len(config, max_len):
+  config = config.copy_and_resolve_references()
+  config.data.max_len = max_len
+  return config
+
+
 def test_a_question_too_long_is_named_with_the_key_to_raise(run):
   row = run.train_rows[0]
   long = data.Row(row.question_id, row.image, 'what ' * 40 + '?',

@@ -120,6 +120,9 @@ def _set_up(config, mesh, model_dir: str, data_dir: str) -> Run:
                             seed=config.seed, vision=spec.vision)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   train, held_out, sets = _read_data(config, data_dir)
+  _check_lengths(config, loaded, tokenizer,
+                 {data.TRAIN: (train + held_out, True),
+                  **{name: (rows, False) for name, rows in sets.items()}})
   tx = optimizers.make_optimizer(config, lora=True)
   dtype = families.DTYPES[config.model.dtype]
   adapters = adapted.lora.to_pure_dict()
@@ -133,6 +136,39 @@ def _set_up(config, mesh, model_dir: str, data_dir: str) -> Run:
       steps.make_generate(adapted.eval_graphdef, dtype=dtype,
                           max_new_tokens=config.eval.max_new_tokens,
                           eos_id=eos, pad_id=pad))
+
+
+def _token_counts(tokenizer, texts: list[str]) -> np.ndarray:
+  """Tokens of each text as ``models.build_inputs`` encodes it (batched)."""
+  ids = tokenizer(texts, add_special_tokens=False)['input_ids']
+  return np.array([len(i) for i in ids], np.int64)
+
+
+def _check_lengths(config, loaded, tokenizer, named: dict) -> None:
+  """Refuses, before training, rows longer than ``data.max_len`` text tokens.
+
+  ``named``: ``{set: (rows, with the training answer)}``. A row takes the
+  kind's fixed tokens (BOS, Gemma 3's image frame; measured on a one-word
+  question) plus its prompt's and, in training, its answer's and EOS.
+  """
+  prompt = config.data.prompt
+  probe = models.build_inputs(
+      tokenizer, ['x'], None, loaded=loaded, max_len=4096,
+      prompt_template=prompt)['input_mask'].sum()
+  fixed = int(probe) - loaded.num_image_tokens - int(
+      _token_counts(tokenizer, [prompt.format(question='x') + '\n'])[0])
+  for name, (rows, with_answers) in named.items():
+    need = fixed + _token_counts(
+        tokenizer, [prompt.format(question=r.question) + '\n' for r in rows])
+    if with_answers:
+      need += _token_counts(tokenizer,
+                            [data.training_answer(r) for r in rows]) + 1
+    over = np.flatnonzero(need > config.data.max_len)
+    if over.size:
+      raise ValueError(
+          f'config.data.max_len={config.data.max_len}: {over.size} rows of'
+          f' {name!r} need more text tokens (up to {int(need.max())}), e.g.'
+          f' question ids {[rows[i].question_id for i in over[:5]]}.')
 
 
 def encode(run: Run, rows: list, *, answers: bool) -> dict[str, np.ndarray]:
