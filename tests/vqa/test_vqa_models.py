@@ -1,4 +1,4 @@
-"""PaliGemma on Tunix, against ``transformers``' PaliGemmaForConditionalGeneration.
+"""PaliGemma and Gemma 3 on Tunix, against ``transformers``.
 
 Each model (PaliGemma: Gemma-1 decoder, multi-query; PaliGemma 2: Gemma-2
 decoder, grouped queries, soft-capping, post norms) is built small and
@@ -238,7 +238,8 @@ def _reshaped(t):
 
 @pytest.mark.parametrize('edit,match', [
     (lambda t: t.pop(VISION_Q), r'leaf/leaves .* no tensor.*query_proj'),
-    (_extra, r"map to no leaf.*'vision_tower.head.probe' of .*model.safetensors"),
+    (_extra, r"map to no leaf.*'vision_tower.head.probe' of"
+             r' .*model.safetensors'),
     (_reshaped, r"'multi_modal_projector.linear.weight' of .* has shape"
                 r' \(23, 32\).*projector.kernel'),
     (_nan, rf"'{VISION_Q}' of .*model.safetensors holds 1 NaN"),
@@ -301,7 +302,7 @@ def _lora_grads(folders, mesh, tok, *, vision, kind='paligemma'):
         loss, argnums=(0, 1), has_aux=True))(adapted.lora, adapted.base)
   # Up to float32 rounding (a jitted run against an op-by-op one).
   np.testing.assert_allclose(np.asarray(out), base, rtol=0, atol=TOL / 4)
-  return adapted, grads
+  return loaded, adapted, grads
 
 
 def _by_path(state):
@@ -310,8 +311,8 @@ def _by_path(state):
 
 
 def test_lora_adapts_the_decoder_only_by_default(folders, mesh, tok):
-  adapted, (lora_grads, base_grads) = _lora_grads(folders, mesh, tok,
-                                                  vision=False)
+  loaded, adapted, (lora_grads, base_grads) = _lora_grads(
+      folders, mesh, tok, vision=False)
   grads = _by_path(lora_grads)
   assert grads and all(p.startswith('decoder/layers/') for p in grads)
   assert {p.split('/')[4] for p in grads} == {'q_einsum', 'kv_einsum',
@@ -320,16 +321,26 @@ def test_lora_adapts_the_decoder_only_by_default(folders, mesh, tok):
   assert all(np.abs(g).max() > 0 for p, g in grads.items()
              if p.endswith('_b'))
   assert all(v.dtype == np.float32 for v in _by_path(adapted.lora).values())
+  # Greedy decoding through the adapters (B = 0) is the base model's.
+  prompts, pixels = _rows(tok, loaded, None, 28), vqa_helpers.images(2)
+  run = lambda model: np.asarray(models.generate(
+      model, prompts['tokens'], pixels, prompts['input_mask'],
+      prompts['prefix_mask'], max_new_tokens=8, eos_id=tok.eos_token_id,
+      pad_id=tok.pad_token_id))
+  with jax.set_mesh(mesh):
+    np.testing.assert_array_equal(
+        run(nnx.merge(adapted.eval_graphdef, adapted.lora, adapted.base)),
+        run(loaded.model))
   # The frozen SigLIP gets none: Tunix's stop-gradient is on.
   vision = {p: g for p, g in _by_path(base_grads).items()
             if p.startswith('vision_encoder/')}
   assert vision and all(np.abs(g).max() == 0 for g in vision.values())
 
 
-@pytest.mark.parametrize('kind', ['paligemma', 'gemma3'])
+@pytest.mark.parametrize('kind', ['gemma3'])  # PaliGemma's: test_remat_...
 def test_lora_on_siglip_gets_gradients(folders, mesh, tok, kind):
-  _, (lora_grads, _) = _lora_grads(folders, mesh, tok, vision=True,
-                                   kind=kind)
+  _, _, (lora_grads, _) = _lora_grads(folders, mesh, tok, vision=True,
+                                      kind=kind)
   grads = _by_path(lora_grads)
   decoder = [p for p in grads if not p.startswith('vision_encoder/')]
   assert decoder and all(
@@ -340,3 +351,115 @@ def test_lora_on_siglip_gets_gradients(folders, mesh, tok, kind):
       'query_proj', 'key_proj', 'value_proj', 'out_proj'}
   assert all(np.abs(g).max() > 0 for p, g in vision.items()
              if p.endswith('_b'))
+
+
+# -- Naming, windows ----------------------------------------------------------
+
+def _published(name):  # As the Hub's paligemma-3b-pt-224 names its tensors.
+  return name.replace('vision_tower.', 'vision_tower.vision_model.')
+
+
+def _in_memory(name):  # As transformers >= 4.52 names its modules.
+  for old, new in (('language_model.model.', 'model.language_model.'),
+                   ('vision_tower.', 'model.vision_tower.'),
+                   ('multi_modal_projector.', 'model.multi_modal_projector.')):
+    if name.startswith(old):
+      return new + name[len(old):]
+  return name
+
+
+@pytest.mark.parametrize('kind', ['paligemma', 'gemma3'])
+@pytest.mark.parametrize('rename', [_published, _in_memory])
+def test_every_tensor_naming_loads_the_same_model(folders, loaded, mesh,
+                                                  tmp_path, kind, rename):
+  folder = _copy(folders[kind], str(tmp_path / 'renamed'))
+  _edit_tensors(folder, lambda t: t.update(
+      {rename(k): t.pop(k) for k in list(t)}))
+  again = models.load(folder, mesh=mesh)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(again.model)),
+                               nnx.to_flat_state(nnx.state(
+                                   loaded[kind].model))):
+    np.testing.assert_array_equal(a.get_value(), b.get_value(),
+                                  err_msg='/'.join(map(str, path)))
+
+
+def test_rows_reaching_the_sliding_window_are_refused(folders, mesh, tok,
+                                                      tmp_path):
+  # Tunix's Gemma 2 window counts 1-based positions against cache slots:
+  # rows must stay inside it (the published 4096 leaves room for 256 image
+  # tokens and any question).
+  folder = _copy(folders['paligemma2'], str(tmp_path / 'window'))
+  _edit_config(folder, _set('text_config', 'sliding_window', 32))
+  model = models.load(folder, mesh=mesh)
+  batch, pixels = _rows(tok, model, max_len=32), vqa_helpers.images(2)
+  with pytest.raises(ValueError, match='sliding window of 32'):
+    _ours(model.model, batch, pixels)
+  prompts = _rows(tok, model, None, max_len=28)
+  with pytest.raises(ValueError, match='sliding window of 32'):
+    models.generate(model.model, prompts['tokens'], pixels,
+                    prompts['input_mask'], prompts['prefix_mask'],
+                    max_new_tokens=4, eos_id=1, pad_id=0)
+
+
+def test_gemma3_pooling_that_does_not_divide_is_refused(folders, mesh,
+                                                        tmp_path):
+  folder = _copy(folders['gemma3'], str(tmp_path / 'pool'))
+  _edit_config(folder, _set(None, 'mm_tokens_per_image', 9))
+  with pytest.raises(ValueError, match='mm_tokens_per_image=9 do not pool'):
+    models.load(folder, mesh=mesh)
+
+
+@pytest.mark.slow  # Tracing 3-4B-parameter graphs: ~15-30 s each.
+@pytest.mark.parametrize('name', sorted(vqa_helpers.PUBLISHED))
+def test_published_configs_build_transformers_sizes(tmp_path, name):
+  # The published config.json (keys left out as on the Hub): the model
+  # built has transformers' parameter count, 256 image tokens, its size.
+  folder = str(tmp_path / name)
+  os.makedirs(folder)
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(vqa_helpers.PUBLISHED[name], f)
+  built = models.plan(folder)
+  abstract = nnx.eval_shape(built.make)
+  ours = sum(int(np.prod(v.shape)) for _, v in
+             nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+  assert ours == vqa_helpers.transformers_parameter_count(folder)
+  assert built.vision.num_mm_tokens_per_image == 256
+  assert built.vision.image_height == (896 if name.startswith('gemma') else 224)
+
+
+def test_remat_trains_the_same_adapters(folders, mesh, tok):
+  # Rematerialised decoder layers (jax.checkpoint around each Tunix layer,
+  # merged afresh inside): the same loss and gradients, LoRA dropout's keys
+  # included, as without; adapters with B != 0, so LoRA is in the path.
+  spec = lm.LoraSpec(rank=4, alpha=8.0, dropout=0.5, targets=SPEC.targets)
+  results = []
+  for remat in (False, True):
+    loaded = models.load(folders['paligemma'], mesh=mesh, remat=remat)
+    adapted = models.add_lora(loaded, spec, mesh=mesh, seed=0, vision=True)
+    batch, pixels = _rows(tok, loaded), vqa_helpers.images(2)
+
+    def loss(lora, adapted=adapted, batch=batch, pixels=pixels):
+      model = nnx.merge(adapted.graphdef, lora, adapted.base)
+      model.set_attributes(qwix_rngs=nnx.Rngs(dropout=jax.random.key(0)))
+      out = models.logits(model, batch['tokens'], pixels,
+                          batch['input_mask'], batch['prefix_mask'])
+      return jnp.mean(out ** 2)
+
+    lora = jax.tree.map(lambda x: x + 0.1, adapted.lora)
+    with jax.set_mesh(mesh):
+      results.append(jax.jit(jax.value_and_grad(loss))(lora))
+  (plain, plain_grads), (remat, remat_grads) = results
+  np.testing.assert_allclose(remat, plain, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  # Every adapter, SigLIP's included (stop-gradient off), gets a gradient.
+  grads = _by_path(plain_grads)
+  assert {p.split('/')[-2] for p in grads
+          if p.startswith('vision_encoder/')} == {
+              'query_proj', 'key_proj', 'value_proj', 'out_proj'}
+  assert all(np.abs(g).max() > 0 for g in grads.values())
+
+
+def test_gemma3_remat_refused(folders, mesh):
+  with pytest.raises(ValueError, match='remat=.BLOCK. with Gemma 3'):
+    models.load(folders['gemma3'], mesh=mesh, remat=True)

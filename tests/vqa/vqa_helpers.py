@@ -163,3 +163,70 @@ def transformers_generate(directory: str, batch: dict, pixels: np.ndarray, *,
     new = ids[0, n:].tolist()
     out.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
   return out
+
+
+# The published models' config.json, as their folders on the Hub hold them
+# (keys they leave out take transformers' defaults).
+_SIGLIP_SO400M = {'hidden_size': 1152, 'intermediate_size': 4304,
+                  'model_type': 'siglip_vision_model',
+                  'num_attention_heads': 16,
+                  'num_hidden_layers': 27, 'patch_size': 14,
+                  'vision_use_head': False}
+PUBLISHED = {
+    'paligemma-3b-pt-224': {
+        'architectures': ['PaliGemmaForConditionalGeneration'],
+        'model_type': 'paligemma', 'hidden_size': 2048,
+        'image_token_index': 257152, 'projection_dim': 2048,
+        'vocab_size': 257216, 'bos_token_id': 2, 'eos_token_id': 1,
+        'pad_token_id': 0,
+        'text_config': {'hidden_size': 2048, 'intermediate_size': 16384,
+                        'model_type': 'gemma', 'num_attention_heads': 8,
+                        'num_hidden_layers': 18, 'num_image_tokens': 256,
+                        'num_key_value_heads': 1, 'vocab_size': 257216},
+        'vision_config': dict(_SIGLIP_SO400M, num_image_tokens=256,
+                              projection_dim=2048,
+                              projector_hidden_act='gelu_fast')},
+    'paligemma2-3b-pt-224': {
+        'architectures': ['PaliGemmaForConditionalGeneration'],
+        'model_type': 'paligemma', 'hidden_size': 2048,
+        'image_token_index': 257152, 'projection_dim': 2304,
+        'bos_token_id': 2, 'eos_token_id': 1, 'pad_token_id': 0,
+        'text_config': {'hidden_activation': 'gelu_pytorch_tanh',
+                        'hidden_size': 2304, 'intermediate_size': 9216,
+                        'model_type': 'gemma2', 'num_attention_heads': 8,
+                        'num_hidden_layers': 26, 'num_image_tokens': 256,
+                        'num_key_value_heads': 4, 'head_dim': 256,
+                        'query_pre_attn_scalar': 256, 'sliding_window': 4096,
+                        'final_logit_softcapping': 30.0,
+                        'attn_logit_softcapping': 50.0,
+                        'vocab_size': 257216},
+        'vision_config': dict(_SIGLIP_SO400M, image_size=224,
+                              num_image_tokens=256, projection_dim=2304,
+                              projector_hidden_act='gelu_fast')},
+    'gemma-3-4b-pt': {
+        'architectures': ['Gemma3ForConditionalGeneration'],
+        'model_type': 'gemma3', 'boi_token_index': 255999,
+        'eoi_token_index': 256000, 'image_token_index': 262144,
+        'mm_tokens_per_image': 256,
+        'text_config': {'hidden_size': 2560, 'intermediate_size': 10240,
+                        'model_type': 'gemma3_text', 'num_hidden_layers': 34,
+                        'rope_scaling': {'factor': 8.0, 'rope_type': 'linear'},
+                        'sliding_window': 1024},
+        'vision_config': dict(_SIGLIP_SO400M, image_size=896,
+                              vision_use_head=False)},
+}
+
+
+def transformers_parameter_count(folder: str) -> int:
+  """Parameters of ``transformers``' model of ``folder/config.json``, built
+  on the meta device (no memory)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(folder, 'config.json')) as f:
+    kind = json.load(f)['model_type']
+  config = transformers.AutoConfig.from_pretrained(folder)
+  with torch.device('meta'):
+    model = _model_class(kind)(config)
+  return sum(p.numel() for p in model.parameters())

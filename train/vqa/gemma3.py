@@ -13,6 +13,7 @@ positions count from 0.
 
 import dataclasses
 
+import jax.numpy as jnp
 from tunix.models.gemma3 import model as gemma3_lib
 from tunix.models.gemma3 import params_safetensors as gemma3_params
 from tunix.models.gemma3 import vision as vision_lib
@@ -26,7 +27,7 @@ _TUNIX_VISION = r'vision_tower\.vision_model\.'
 _TUNIX_PROJECTOR = r'multi_modal_projector\.'
 
 
-def vision_config(hf: dict, where: str) -> vision_lib.SigLIPConfig:
+def siglip_config(hf: dict, where: str) -> vision_lib.SigLIPConfig:
   """Tunix's ``SigLIPConfig``: ``vision_config`` pooled to
   ``mm_tokens_per_image``."""
   r = _Reader(hf['vision_config'], where + ' vision_config')
@@ -61,11 +62,11 @@ def model_config(hf: dict, where: str, dtype, remat: str):
       gemma3_lib.ShardingConfig.get_default_sharding())
   cfg = families.GEMMA3.build(text, where + ' text_config', dtype, sharding)
   return dataclasses.replace(
-      cfg, vision_config=vision_config(hf, where),
+      cfg, vision_config=siglip_config(hf, where),
       remat_config=gemma3_lib.RematConfig[remat])
 
 
-def tensor_map(cfg: gemma3_lib.ModelConfig) -> dict:
+def weights_map(cfg: gemma3_lib.ModelConfig) -> dict:
   """Tunix's Gemma 3 map, for the published and transformers-5 naming.
 
   Tunix's vision patterns want ``vision_tower.vision_model.`` (transformers
@@ -73,7 +74,8 @@ def tensor_map(cfg: gemma3_lib.ModelConfig) -> dict:
   ``[N, W]`` as it is onto its ``[1, N, W]`` leaf; both are fixed here.
   """
   out = {}
-  for pattern, (target, transform) in gemma3_params._get_key_and_transform_mapping(cfg).items():  # pylint: disable=protected-access
+  tunix_map = gemma3_params._get_key_and_transform_mapping  # pylint: disable=protected-access
+  for pattern, (target, transform) in tunix_map(cfg).items():
     for tunix, ours in ((_TUNIX_LANGUAGE, paligemma.LANGUAGE),
                         (_TUNIX_VISION, paligemma.VISION),
                         (_TUNIX_PROJECTOR, paligemma.PROJECTOR)):
@@ -94,7 +96,6 @@ def model(cfg: gemma3_lib.ModelConfig, rngs) -> gemma3_lib.Gemma3:
 def model_input(cfg: gemma3_lib.ModelConfig) -> dict:
   """A dummy input at the config's image size (Tunix's ``get_model_input``
   hard-codes 896 px images)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   v = cfg.vision_config
   return {'last_tokens': jnp.ones((2, 1), jnp.int32),
           'positions': jnp.ones((2, 1), jnp.int32), 'cache': None,

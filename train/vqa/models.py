@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import qwix
+import transformers
 from tunix.models.gemma3 import utils as gemma3_utils
 
 from train.language import families
@@ -63,8 +64,8 @@ class Loaded:
 # -- Loading ------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-  """How to build one kind from its config.json."""
+class Plan:
+  """How to build one kind from its config.json (``plan``)."""
   kind: str
   config: Any  # Tunix's decoder ModelConfig.
   vision: Any  # Tunix's SigLIPConfig.
@@ -96,17 +97,17 @@ def _read(folder: str) -> tuple[dict, str]:
       'tie_word_embeddings', True):
     raise ValueError(f'{where}: tie_word_embeddings=False: Tunix\'s Gemma'
                      ' decodes with the embedding; refusing.')
-  return hf, where
+  # Keys a published config.json leaves out (paligemma-3b-pt-224's: its
+  # SigLIP's image_size, its Gemma's head_dim...) take transformers' defaults.
+  return transformers.AutoConfig.from_pretrained(folder).to_dict(), where
 
 
-def _paligemma_plan(hf: dict, where: str, dtype, remat: str) -> _Plan:
+def _paligemma_plan(hf: dict, where: str, dtype, remat: str) -> Plan:
   text = dict(hf['text_config'])
   text.setdefault('vocab_size', hf.get('vocab_size'))
   sharding = families.with_batch_axes(
       paligemma.gemma_lib.ShardingConfig.get_default_sharding())
-  tcfg = dataclasses.replace(
-      paligemma.text_config(text, where, sharding),
-      remat_config=paligemma.gemma_lib.RematConfig[remat])
+  tcfg = paligemma.text_config(text, where, sharding)
   image_token_id = hf.get('image_token_index', hf.get('image_token_id'))
   if image_token_id is None:
     raise ValueError(f'{where}: key \'image_token_index\' is missing.')
@@ -116,33 +117,49 @@ def _paligemma_plan(hf: dict, where: str, dtype, remat: str) -> _Plan:
   if projection != tcfg.embed_dim:
     raise ValueError(f'{where}: projection_dim={projection} differs from'
                      f' text_config.hidden_size={tcfg.embed_dim}.')
-  make = lambda: paligemma.PaliGemma(tcfg, vcfg, image_token_id=image_token_id,
-                                     rngs=nnx.Rngs(0), dtype=dtype)
-  return _Plan('paligemma', tcfg, vcfg, make, paligemma.tensor_map(tcfg, vcfg),
+  make = lambda: paligemma.PaliGemma(
+      tcfg, vcfg, image_token_id=image_token_id, rngs=nnx.Rngs(0),
+      dtype=dtype, remat=remat != 'NONE')
+  return Plan('paligemma', tcfg, vcfg, make, paligemma.tensor_map(tcfg, vcfg),
                tcfg.num_heads == tcfg.num_kv_heads, paligemma.decoder_leaf,
                'decoder.' + hf_weights.EMBEDDING, int(image_token_id), None)
 
 
-def _gemma3_plan(hf: dict, where: str, dtype, remat: str) -> _Plan:
+def _gemma3_plan(hf: dict, where: str, dtype, remat: str) -> Plan:
+  if remat != 'NONE':
+    raise ValueError(f'{where}: remat={remat!r} with Gemma 3: Tunix\'s'
+                     ' nnx.remat mutates qwix LoRA modules across trace'
+                     ' levels (TraceContextError); use remat off.')
   cfg = gemma3.model_config(hf, where, dtype, remat)
   frame = tuple(hf.get(k) for k in ('boi_token_index', 'eoi_token_index'))
-  return _Plan('gemma3', cfg, cfg.vision_config,
-               lambda: gemma3.model(cfg, nnx.Rngs(0)), gemma3.tensor_map(cfg),
+  return Plan('gemma3', cfg, cfg.vision_config,
+               lambda: gemma3.model(cfg, nnx.Rngs(0)), gemma3.weights_map(cfg),
                cfg.num_heads == cfg.num_kv_heads, lambda k: k,
-               hf_weights.EMBEDDING, int(cfg.vision_config.soft_token_placeholder),
+               hf_weights.EMBEDDING,
+               int(cfg.vision_config.soft_token_placeholder),
                None if None in frame else frame)
 
 
-def _sources(folder: str, plan: _Plan) -> tuple[dict, list]:
-  sources, raw, ignored = hf_weights.collect(folder, plan.tensor_map,
+def _sources(folder: str, built: Plan) -> tuple[dict, list]:
+  sources, raw, ignored = hf_weights.collect(folder, built.tensor_map,
                                              ignore_vision=False)
-  sources = hf_weights.fuse_qkv(sources, fused_qkv=plan.fused_qkv)
-  sources = {plan.rename(k): v for k, v in sources.items()}
+  sources = hf_weights.fuse_qkv(sources, fused_qkv=built.fused_qkv)
+  sources = {built.rename(k): v for k, v in sources.items()}
   head = sources.pop('unused.lm_head.weight', None)
   if head is not None:  # Tied (config.json says so): it must equal.
-    embedding = sources[plan.embedding]
+    embedding = sources[built.embedding]
     hf_weights._equal(raw[head.names[0]], raw[embedding.names[0]])()  # pylint: disable=protected-access
   return sources, ignored
+
+
+def plan(folder: str, *, dtype: str = 'float32',
+         remat: bool | str = False) -> Plan:
+  """What ``load`` builds from ``folder/config.json`` (no weights read):
+  ``nnx.eval_shape(plan(folder).make)`` is the model's structure."""
+  remat = {True: 'BLOCK', False: 'NONE'}.get(remat, remat)
+  hf, where = _read(folder)
+  return {'paligemma': _paligemma_plan, 'gemma3': _gemma3_plan}[
+      hf['model_type']](hf, where, families.DTYPES[dtype], remat)
 
 
 def load(folder: str, *, mesh: jax.sharding.Mesh, dtype: str = 'float32',
@@ -162,32 +179,27 @@ def load(folder: str, *, mesh: jax.sharding.Mesh, dtype: str = 'float32',
     ValueError: a config.json key Tunix cannot compute as ``transformers``
       does, or weights that do not fit, by name (file, tensor, leaf).
   """
-  remat = {True: 'BLOCK', False: 'NONE'}.get(remat, remat)
-  hf, where = _read(folder)
-  jdtype = families.DTYPES[dtype]
-  plan = {'paligemma': _paligemma_plan, 'gemma3': _gemma3_plan}[
-      hf['model_type']](hf, where, jdtype, remat)
+  built = plan(folder, dtype=dtype, remat=remat)
   with jax.set_mesh(mesh):
-    abstract = nnx.eval_shape(plan.make)
+    abstract = nnx.eval_shape(built.make)
   graphdef, state = nnx.split(abstract)
   like = state.to_pure_dict()
   leaves = lm._flat(like)  # pylint: disable=protected-access
   shardings = lm._flat(nnx.get_named_sharding(state, mesh).to_pure_dict())  # pylint: disable=protected-access
-  sources, ignored = _sources(folder, plan)
+  sources, ignored = _sources(folder, built)
   hf_weights.check_structure(sources, leaves)
-  np_dtype = np.dtype(jdtype)
+  np_dtype = np.dtype(families.DTYPES[dtype])
   values = {k: hf_weights.place(sources[k], np_dtype, shardings[k])
             for k in leaves}
   model = nnx.merge(graphdef, lm._unflat(values, like))  # pylint: disable=protected-access
   if ignored:
     logging.info('Left unread on purpose (%d): %s', len(ignored),
                  ', '.join(ignored[:5]))
-  return Loaded(model, plan.kind, plan.config, plan.vision.image_height,
-                plan.vision.num_mm_tokens_per_image, plan.image_token_id,
-                {'kind': plan.kind, 'tensors': len(sources),
-                 'ignored': len(ignored), 'dtype': dtype,
-                 'decoder': hf['text_config'].get('model_type')},
-                plan.image_frame)
+  return Loaded(model, built.kind, built.config, built.vision.image_height,
+                built.vision.num_mm_tokens_per_image, built.image_token_id,
+                {'kind': built.kind, 'tensors': len(sources),
+                 'ignored': len(ignored), 'dtype': dtype},
+                built.image_frame)
 
 
 # -- LoRA ---------------------------------------------------------------------
@@ -227,9 +239,18 @@ def _lora_graph(loaded: Loaded, spec: lm.LoraSpec, paths: list[str],
       module_path='|'.join(f'(?:{p})' for p in paths),
       rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
       lora_a_initializer=lm._LORA_A_INIT, lora_b_initializer=lm._LORA_B_INIT)  # pylint: disable=protected-access
-  abstract = nnx.eval_shape(lambda: qwix.apply_lora_to_model(
-      loaded.model, provider, rngs=nnx.Rngs(seed),
-      **_model_input(loaded)))
+  remat = getattr(loaded.model, 'remat', False)
+  if remat:  # qwix creates the adapters in its trace: no checkpointed copy.
+    loaded.model.remat = False
+  try:
+    abstract = nnx.eval_shape(lambda: qwix.apply_lora_to_model(
+        loaded.model, provider, rngs=nnx.Rngs(seed),
+        **_model_input(loaded)))
+  finally:
+    if remat:
+      loaded.model.remat = True
+  if remat:
+    abstract.remat = True
   return nnx.split(abstract, nnx.LoRAParam, ...)
 
 
@@ -296,7 +317,8 @@ def _special(tokenizer, name: str) -> int:
 def build_inputs(tokenizer, questions: list[str],
                  answers: Optional[list[str]] = None, *, loaded: Loaded,
                  max_len: int,
-                 prompt_template: str = PROMPT_TEMPLATE) -> dict[str, np.ndarray]:
+                 prompt_template: str = PROMPT_TEMPLATE
+                 ) -> dict[str, np.ndarray]:
   """Rows as the kind's processor lays them out, right-padded.
 
   PaliGemma (its processor): ``num_image_tokens`` image tokens, BOS, the

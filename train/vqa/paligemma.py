@@ -19,9 +19,10 @@ calls Tunix's embedder, merges the image embeddings, then calls Tunix's
 layers and final norm in order with the prefix mask. Positions are 1-based,
 as ``transformers``' PaliGemma counts them.
 
-This module also builds Tunix's configs from a ``PaliGemmaForConditionalGeneration``
-``config.json`` (refusing, by key, what Tunix cannot compute as
-``transformers`` does) and the tensor map of its safetensors.
+This module also builds Tunix's configs from a
+``PaliGemmaForConditionalGeneration`` ``config.json`` (refusing, by key,
+what Tunix cannot compute as ``transformers`` does) and the tensor map of
+its safetensors.
 """
 
 from typing import Any
@@ -131,7 +132,8 @@ def _language_map(cfg: gemma_lib.ModelConfig) -> dict:
   MLP (Tunix's ``pre_ffw_norm``).
   """
   out = {}
-  for pattern, (target, transform) in gemma_params._get_key_and_transform_mapping(cfg).items():  # pylint: disable=protected-access
+  tunix_map = gemma_params._get_key_and_transform_mapping  # pylint: disable=protected-access
+  for pattern, (target, transform) in tunix_map(cfg).items():
     if not pattern.startswith(r'model\.'):
       continue  # lm_head (tied: checked apart) and Tunix's catch-all bias.
     if 'post_attention_layernorm' in pattern and not cfg.use_post_attn_norm:
@@ -154,7 +156,8 @@ def _vision_map(cfg: vision_lib.SigLIPConfig) -> dict:
       head_dim=2, num_kv_heads=1, vision_config=cfg)
   out = {}
   prefix = r'vision_tower\.vision_model\.'
-  for pattern, (target, transform) in gemma3_params._get_key_and_transform_mapping(like).items():  # pylint: disable=protected-access
+  tunix_map = gemma3_params._get_key_and_transform_mapping  # pylint: disable=protected-access
+  for pattern, (target, transform) in tunix_map(like).items():
     if not pattern.startswith(prefix):
       continue
     if target.endswith('pos_embedding'):
@@ -210,7 +213,7 @@ class PaliGemma(nnx.Module):
 
   def __init__(self, text: gemma_lib.ModelConfig,
                vision: vision_lib.SigLIPConfig, *, image_token_id: int,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False):
     shd = vision_lib.SigLIPShardingConfig.get_default_sharding()
     self.vision_encoder = vision_lib.SigLiP(vision, rngs=rngs, dtype_mm=dtype,
                                             shd_config=shd)
@@ -223,6 +226,7 @@ class PaliGemma(nnx.Module):
                                         ('tp',)))
     self.decoder = gemma_lib.Gemma(text, rngs=rngs)
     self.image_token_id = image_token_id
+    self.remat = remat
 
   def embed(self, tokens: jax.Array, images: jax.Array | None) -> jax.Array:
     """[B, T, D]: Tunix's token embeddings, image embeddings merged in."""
@@ -248,13 +252,33 @@ class PaliGemma(nnx.Module):
     x = self.embed(tokens, images)
     for i, layer in enumerate(decoder.layers):
       name = f'layer_{i}'
-      layer_cache, x = layer(x, positions, cache[name] if cache else None,
-                             attention_mask)
+      layer_cache, x = self._layer(layer, x, positions,
+                                   cache[name] if cache else None,
+                                   attention_mask)
       if cache is not None:
         new_cache[name] = layer_cache
     # No final soft-capping: transformers' PaliGemma 2 leaves its Gemma 2's
     # final_logit_softcapping unapplied (greedy tokens are the same).
     return decoder.embedder.decode(decoder.final_norm(x)), new_cache
+
+  def _layer(self, layer, x, positions, cache, attention_mask):
+    """One Tunix decoder layer; rematerialised in the backward pass when
+    ``remat`` (Tunix's own ``nnx.remat`` fails on qwix's LoRA modules: it
+    mutates their Params across trace levels). The layer is merged afresh
+    inside ``jax.checkpoint``; only its RNG state (LoRA dropout's) comes
+    back out."""
+    if not self.remat:
+      return layer(x, positions, cache, attention_mask)
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x):
+      module = nnx.merge(graphdef, state)
+      out = module(x, positions, cache, attention_mask)
+      return out, nnx.state(module, nnx.RngState)
+
+    out, rng_state = jax.checkpoint(run)(state, x)
+    nnx.update(layer, rng_state)
+    return out
 
   def get_model_input(self) -> dict:
     """A dummy input (for qwix's abstract trace of the LoRA graph)."""

@@ -91,7 +91,7 @@ def paligemma_config(tokenizer, *, hidden: int = 32, layers: int = 2,
                      vision_layers: int = 1, vision_heads: int = 4,
                      vision_intermediate: int = 64, image_size: int = 28,
                      patch_size: int = 14) -> dict:
-  """PaliGemma-1's ``config.json`` at these sizes, ``tokenizer``'s vocabulary."""
+  """PaliGemma-1's ``config.json``: these sizes, the tokenizer's words."""
   vocab = len(tokenizer)
   text = {'model_type': 'gemma', 'vocab_size': vocab, 'hidden_size': hidden,
           'intermediate_size': intermediate, 'num_hidden_layers': layers,
