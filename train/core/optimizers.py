@@ -40,29 +40,43 @@ METHODS = ('adam', 'adamw', 'l2sp', 'spd', 'projection', 'ftp')
 
 
 def schedule_shape(warmup_steps: int, num_steps: int,
-                   decay: str = 'cosine') -> optax.Schedule:
-  """Linear warmup from 0 to 1, then cosine (or ``decay='linear'``, as
-  ``transformers``' default scheduler) decay to 0 at ``num_steps``."""
+                   decay: str = 'cosine', *, init_value: float = 0.0,
+                   end_value: float = 0.0) -> optax.Schedule:
+  """Linear warmup from ``init_value`` (0 by default) to 1, then cosine (or
+  ``decay='linear'``, as ``transformers``' default scheduler) decay to
+  ``end_value`` (0 by default) at ``num_steps``; values relative to the peak
+  learning rate."""
   warmup = min(warmup_steps, max(num_steps - 1, 0))
   if decay == 'linear':
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, 1.0, warmup),
-         optax.linear_schedule(1.0, 0.0, max(num_steps - warmup, 1))],
+        [optax.linear_schedule(init_value, 1.0, warmup),
+         optax.linear_schedule(1.0, end_value, max(num_steps - warmup, 1))],
         [warmup])
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
+      init_value=init_value,
       peak_value=1.0,
       warmup_steps=warmup,
       decay_steps=max(num_steps, 1),
-      end_value=0.0,
+      end_value=end_value,
   )
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to ``learning_rate``, then cosine decay to 0."""
+def _shape_of(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The schedule of ``config.optimizer`` relative to its peak (its optional
+  ``warmup_init_fraction`` and ``end_fraction``: 0 when absent)."""
   opt = config.optimizer
-  shape = schedule_shape(opt.warmup_steps, config.num_train_steps,
-                         opt.get('decay', 'cosine'))
+  return schedule_shape(opt.warmup_steps, config.num_train_steps,
+                        opt.get('decay', 'cosine'),
+                        init_value=opt.get('warmup_init_fraction', 0.0),
+                        end_value=opt.get('end_fraction', 0.0))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to ``learning_rate``, then cosine decay to 0 (or from
+  and to the fractions of it that ``warmup_init_fraction`` and
+  ``end_fraction`` give)."""
+  opt = config.optimizer
+  shape = _shape_of(config)
   return lambda count: opt.learning_rate * shape(count)
 
 
@@ -90,8 +104,7 @@ def make_optimizer(
     ``optax.apply_if_finite`` wraps it all when ``skip_nonfinite`` is set.
   """
   opt = config.optimizer
-  shape = schedule_shape(opt.warmup_steps, config.num_train_steps,
-                         opt.get('decay', 'cosine'))
+  shape = _shape_of(config)
   clip = (
       [optax.clip_by_global_norm(opt.grad_clip_norm)]
       if opt.grad_clip_norm
