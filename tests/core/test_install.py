@@ -20,7 +20,7 @@ from packaging import version as version_lib
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EXTRAS = ('train', 'test', 'docs', 'llm')
+EXTRAS = ('train', 'test', 'docs', 'llm', 'vqa')
 
 
 def _read(name: str) -> str:
@@ -188,6 +188,8 @@ def _imported_distributions(paths) -> dict[str, set[str]]:
     (('train',), ('train', 'configs')),  # The ViT recipe and the demo.
     (('train', 'llm'), ('train/llm', 'train/language',
                          'configs/commonsense.py')),
+    (('train', 'vqa'), ('train/vqa', 'train/language', 'configs/vqa.py')),
+    (('train',), ('train/segmentation', 'configs/segmentation.py')),
 ])
 def test_each_recipe_imports_only_what_its_extras_install(extras, paths):
   """The README's demo command installs the ``train`` extra alone: a module
@@ -198,8 +200,8 @@ def test_each_recipe_imports_only_what_its_extras_install(extras, paths):
   installed = set(_closure(roots))
   if paths[0] == 'train':  # The vision recipe: train/ but the language ones.
     imported = {d: {f for f in files if not f.startswith(
-                        ('train/llm/', 'train/language/'))
-                    and f != 'configs/commonsense.py'}
+                        ('train/llm/', 'train/language/', 'train/vqa/'))
+                    and f not in ('configs/commonsense.py', 'configs/vqa.py')}
                 for d, files in _imported_distributions(paths).items()}
   else:
     imported = _imported_distributions(paths)

@@ -247,6 +247,8 @@ ALLOWED = {
     'train.vision': {'train.core', 'train.vision'},
     'train.demo': {'train.core', 'train.vision', 'train.demo'},
     'train.llm': {'train.core', 'train.language', 'train.llm'},
+    'train.vqa': {'train.core', 'train.language', 'train.vqa'},
+    'train.segmentation': {'train.core', 'train.segmentation'},
     'train.__main__': {'train.core', 'train.vision'},
 }
 

@@ -251,8 +251,7 @@ def make_backbone_and_head_optimizer(
     frozen_backbone: train the head alone.
   """
   opt = config.optimizer
-  shape = schedule_shape(opt.warmup_steps, config.num_train_steps,
-                         opt.get('decay', 'cosine'))
+  shape = _shape_of(config)
   clip = ([optax.clip_by_global_norm(opt.grad_clip_norm)]
           if opt.grad_clip_norm else [])
   adam_kwargs = dict(b1=opt.b1, b2=opt.b2, eps=opt.eps)
