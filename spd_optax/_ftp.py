@@ -315,8 +315,8 @@ def fast_trainable_projection(
     inner_updates, inner_state = inner.update(
         updates, state.inner_state, params, **extra_args)
     anchor_leaves = _anchors.anchor_leaves(state.anchor, zero_anchor,
-                                           len(param_leaves))
-    prev_moves = jax.tree.leaves(state.prev_move, is_leaf=_masks.is_masked_node)
+                                           len(param_leaves), params)
+    prev_moves = _masks.leaves_aligned(state.prev_move, params)
     old_state = zip(state.gamma, state.gamma_mu, state.gamma_nu, prev_moves,
                     state.prev_inv_norm)
     new_updates, per_leaf = [], []

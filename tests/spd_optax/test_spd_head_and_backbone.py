@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import spd_optax
 
@@ -27,9 +28,9 @@ def _partitioned():
       _labels)
 
 
-def _params(seed):
+def _params(seed, head='head'):
   rng = np.random.default_rng(seed)
-  shapes = {'backbone': {'w': (6, 5), 'b': (5,)}, 'head': {'w': (5, 3)}}
+  shapes = {'backbone': {'w': (6, 5), 'b': (5,)}, head: {'w': (5, 3)}}
   return jax.tree.map(
       lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
       is_leaf=lambda s: isinstance(s, tuple))
@@ -82,3 +83,40 @@ def _no_decay_head(loaded):
     u, state = tx.update(_grads(params, t)['head'], state, params['head'])
     params = dict(params, head=optax.apply_updates(params['head'], u))
   return params['head']['w']
+
+
+_BACKBONE = {
+    'adamspd': lambda: spd_optax.adamspd(3e-2, weight_decay=1.0),
+    'adaml2sp': lambda: spd_optax.adaml2sp(3e-2, weight_decay=1.0),
+    'adamftp': lambda: spd_optax.adamftp(3e-2, k=1.0),
+}
+
+
+@pytest.mark.parametrize('method', sorted(_BACKBONE))
+def test_a_head_before_the_backbone_in_tree_order(method):
+  """Inside ``optax.partition`` the backbone's params hold ``MaskedNode``
+  where the other part's leaves are; a part that comes first in the tree's
+  order (``aux_head`` < ``backbone``) must not shift the anchors or the
+  projection counts against the params (segmentation's auxiliary head)."""
+  backbone_tx = _BACKBONE[method]
+  opt = optax.partition({'backbone': backbone_tx(),
+                         'aux_head': optax.adamw(3e-2, weight_decay=0.1)},
+                        _labels)
+  loaded = _params(1, head='aux_head')
+  state = opt.init(loaded)
+  alone_tx = backbone_tx()
+  alone_state, alone = alone_tx.init(loaded['backbone']), loaded['backbone']
+  params = loaded
+  for t in range(6):
+    grads = _grads(params, t)
+    updates, state = jax.jit(opt.update)(grads, state, params)
+    u, alone_state = jax.jit(alone_tx.update)(grads['backbone'], alone_state,
+                                              alone)
+    jax.tree.map(np.testing.assert_array_equal, updates['backbone'], u)
+    params = optax.apply_updates(params, updates)
+    alone = optax.apply_updates(alone, u)
+  if method == 'adamspd':
+    counts = spd_optax.get_diagnostics(state).num_projected
+    jax.tree.map(np.testing.assert_array_equal, counts['backbone'],
+                 spd_optax.get_diagnostics(alone_state).num_projected)
+    assert sum(int(n) for n in jax.tree.leaves(counts['backbone'])) > 0
