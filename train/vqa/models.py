@@ -489,7 +489,7 @@ def _decode(model, tokens, images, input_mask, prefix_mask, *,
   _check_images(model, images)
   slots = jnp.arange(length)
   cache = lm.init_cache(lm.cache_spec(decoder.config), batch, length,
-                        decoder.embedder.input_embedding.value.dtype)
+                        decoder.embedder.input_embedding[...].dtype)
   first_position = _first_position(model)
   out, cache = merged()(
       tokens, positions_of(input_mask, first_position), cache,

@@ -30,7 +30,6 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 from tunix.models.gemma import model as gemma_lib
 from tunix.models.gemma import params_safetensors as gemma_params
 from tunix.models.gemma3 import model as gemma3_lib
@@ -240,11 +239,11 @@ class PaliGemma(nnx.Module):
 
   def __call__(
       self,
-      tokens: jaxtyping.Array,  # [B, T]
-      positions: jaxtyping.Array,  # [B, T], 1-based
+      tokens: jax.Array,  # [B, T]
+      positions: jax.Array,  # [B, T], 1-based
       cache: Any,  # Tunix's cache, or None
-      attention_mask: jaxtyping.Array,  # bool [B, T, S]
-      images: jaxtyping.Array | None = None,  # [B, H, W, 3], or None
+      attention_mask: jax.Array,  # bool [B, T, S]
+      images: jax.Array | None = None,  # [B, H, W, 3], or None
   ) -> tuple[jax.Array, Any]:
     """``(logits [B, T, V], cache)``: Tunix's Gemma.__call__, on embeddings."""
     decoder = self.decoder
