@@ -454,10 +454,15 @@ def ftp_diagnostics_summary(
   for s in states:
     leaves, treedef = jax.tree.flatten(s.prev_move,
                                        is_leaf=_masks.is_masked_node)
+    # gamma and 1 / n hold one entry per leaf of the params FTP was given,
+    # prev_move also a MaskedNode where optax.partition (or masked) gave it
+    # none: FTP's own leaves come in the same order in both.
+    own = iter([(g, inv) for g, inv in zip(s.gamma, s.prev_inv_norm)
+                if not _masks.is_masked_node(g)])
     ratios = [
         x if _masks.is_masked_node(x)
-        else _expand(g, inv.ndim) * inv
-        for x, g, inv in zip(leaves, s.gamma, s.prev_inv_norm)
+        else (lambda g, inv: _expand(g, inv.ndim) * inv)(*next(own))
+        for x in leaves
     ]
     counted = _diagnostics._counted_leaves(treedef.unflatten(ratios), mask)  # pylint: disable=protected-access
     kept += [jnp.ravel(jnp.minimum(r, 1)) for r in counted]

@@ -51,7 +51,11 @@ def leaves_aligned(tree: Any, params: Any) -> list:
   leaves = jax.tree.leaves(tree, is_leaf=is_masked_node)
   nodes = jax.tree.leaves(params, is_leaf=is_masked_node)
   if len(nodes) != len(leaves):
-    return leaves
+    raise ValueError(
+        f'The optimizer state has {len(leaves)} entries where the params'
+        f' have {len(nodes)} (MaskedNode counted): the state was built for'
+        f' params of another structure.\nstate: {jax.tree.structure(tree, is_leaf=is_masked_node)}'
+        f'\nparams: {jax.tree.structure(params, is_leaf=is_masked_node)}')
   return [x for x, p in zip(leaves, nodes) if not is_masked_node(p)]
 
 

@@ -115,6 +115,11 @@ def test_a_head_before_the_backbone_in_tree_order(method):
     jax.tree.map(np.testing.assert_array_equal, updates['backbone'], u)
     params = optax.apply_updates(params, updates)
     alone = optax.apply_updates(alone, u)
+  summary = {'adamspd': spd_optax.diagnostics_summary,
+             'adamftp': spd_optax.ftp_diagnostics_summary}.get(method)
+  if summary is not None:  # The logged numbers: those of the backbone alone.
+    jax.tree.map(np.testing.assert_allclose, summary(state),
+                 summary(alone_state))
   if method == 'adamspd':
     counts = spd_optax.get_diagnostics(state).num_projected
     jax.tree.map(np.testing.assert_array_equal, counts['backbone'],
