@@ -169,3 +169,7 @@ def test_labels_split_on_the_top_level_key():
   assert labels['backbone']['a']['w'] == 'backbone'
   assert labels['decode_head']['w'] == 'head'
   assert labels['auxiliary_head']['b'] == 'head'
+  # No backbone (a renamed key): refused, not every leaf on plain AdamW.
+  with pytest.raises(ValueError, match=r"'backbone'.*\['decode_head'\]"):
+    optimizers.top_level_labels()({'encoder': {'w': 1.0},
+                                   'decode_head': {'w': 2.0}})

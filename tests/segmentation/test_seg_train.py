@@ -138,11 +138,14 @@ def test_bad_configs_are_refused_by_key():
   config.corruptions.names = ('fog', 'snow')
   config.data.slide_stride = 600
   config.train_mode = 'probe'
+  config.corruptions.severities = ()  # The table would hold NaN means.
+  config.optimizer.no_decay = ('norm', '(')  # Not a regular expression.
   with pytest.raises(ValueError) as e:
     checks.check(config, num_devices=1)
   message = str(e.value)
   for key in ('data.num_classes=300', 'corruptions.names', 'model.path',
-              'data.dir', 'data.slide_stride=600', "train_mode='probe'"):
+              'data.dir', 'data.slide_stride=600', "train_mode='probe'",
+              'corruptions.severities=()', 'optimizer.no_decay'):
     assert key in message, key
   checks.check(seg_configs.get_config('smoke'), num_devices=1)
   with pytest.raises(ValueError, match='smoke'):

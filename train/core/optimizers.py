@@ -209,7 +209,13 @@ def top_level_labels(backbone: str = 'backbone'):
       first = path[0]
       name = getattr(first, 'key', getattr(first, 'name', None))
       return 'backbone' if name == backbone else 'head'
-    return jax.tree_util.tree_map_with_path(label, params)
+    out = jax.tree_util.tree_map_with_path(label, params)
+    if 'backbone' not in jax.tree.leaves(out):  # All would get plain AdamW.
+      keys = sorted({jax.tree_util.keystr(path[:1]) for path, _ in
+                     jax.tree_util.tree_flatten_with_path(params)[0]})
+      raise ValueError(f'No parameter under the top-level key {backbone!r}'
+                       f' (the backbone); the top-level keys are {keys}')
+    return out
 
   return labels
 
@@ -238,7 +244,8 @@ def make_backbone_and_head_optimizer(
   nothing to return to, takes plain AdamW with ``optimizer.head_weight_decay``
   on the same schedule. ``frozen_backbone``: the backbone's updates are 0
   (``optax.set_to_zero``: a linear probe's counterpart, the decoder alone
-  trained). AdamW's decay leaves out the leaves whose path matches a
+  trained; clipping is then over the head's gradient alone). AdamW's decay
+  leaves out the leaves whose path matches a
   pattern of ``optimizer.no_decay`` (mmseg's Swin configs: norms and
   relative position tables), on the backbone (``adamw``) and the head.
   Clipping (``grad_clip_norm``) is over the whole gradient, first;
@@ -269,6 +276,9 @@ def make_backbone_and_head_optimizer(
       body = _method(opt, schedule, weight_decay, lora=False)
     head = optax.adamw(schedule, weight_decay=opt.head_weight_decay,
                        mask=no_decay, **adam_kwargs)
+    if frozen_backbone:  # Clipped on the head's gradient alone.
+      return optax.partition({'backbone': body, 'head': optax.chain(
+          *clip, head)}, top_level_labels(backbone))
     return optax.chain(*clip, optax.partition(
         {'backbone': body, 'head': head}, top_level_labels(backbone)))
 

@@ -4,6 +4,8 @@ Every recipe's rules (``train.core.config_checks.RULES``: optimizer, steps,
 checkpoints, ...), then this recipe's, one line each.
 """
 
+import re
+
 import ml_collections
 
 from train.core import config_checks as cc
@@ -17,8 +19,22 @@ def _pair(lo: float, what: str) -> cc.Where:
 
 
 def _subset_of(allowed: tuple, what: str) -> cc.Where:
-  return cc.Where(lambda v: isinstance(v, (tuple, list))
-                  and set(v) <= set(allowed), f'a tuple of {what} {allowed}')
+  return cc.Where(lambda v: isinstance(v, (tuple, list)) and v
+                  and set(v) <= set(allowed),
+                  f'a non-empty tuple of {what} {allowed}')
+
+
+def _compiles(pattern) -> bool:
+  try:
+    re.compile(pattern)
+  except (re.error, TypeError):
+    return False
+  return isinstance(pattern, str)
+
+
+_PATTERNS = cc.Where(
+    lambda v: isinstance(v, (tuple, list)) and all(_compiles(p) for p in v),
+    'a tuple of regular expressions (re.compile) over leaf paths')
 
 
 RULES = cc.RULES + (
@@ -26,6 +42,7 @@ RULES = cc.RULES + (
     ('optimizer.name', cc.OneOf(('adamw', 'l2sp', 'spd', 'projection'))),
     ('optimizer.decay', cc.OneOf(('cosine', 'linear'))),
     ('optimizer.head_weight_decay', cc.NON_NEGATIVE),
+    ('optimizer.no_decay', _PATTERNS),
     ('model.decode_channels', cc.POSITIVE),
     ('model.auxiliary_channels', cc.POSITIVE),
     ('model.auxiliary_loss_weight', cc.NON_NEGATIVE),
