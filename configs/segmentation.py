@@ -26,8 +26,9 @@ The setting. The authors never released their segmentation code, so this
 follows mmsegmentation's public configs: the data pipeline of
 ``configs/_base_/datasets/pascal_context_59.py`` (random rescale 0.5-2 of
 520 x 520 keeping the aspect, 480 crops with cat_max_ratio 0.75, flip,
-photometric distortion; test: the image fitted in 520 x 520, whole-image
-inference, logits resized back; 59 classes, background ignored), the
+photometric distortion; test: the image fitted in 520 x 520, sliding 480
+windows with stride 320 as the PASCAL-Context 59 model configs' ``test_cfg``,
+logits resized back; 59 classes, background ignored), the
 model and optimizer of ``configs/swin/swin-tiny-patch4-window7-in1k-pre_
 upernet_8xb2-160k_ade20k-512x512.py`` (UperNet 512 channels, auxiliary FCN
 head 256 channels with loss weight 0.4, drop path 0.3; AdamW lr 6e-5,
@@ -105,7 +106,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.crop = 480  # RandomCrop (then padded to it, label 255).
   config.data.cat_max_ratio = 0.75
   config.data.eval_scale = (520, 520)  # Test: the image fitted in this.
-  config.data.eval_mode = 'whole'  # 'whole' or 'slide' (crop/stride below).
+  # mmseg's PASCAL-Context test: 'slide' (windows of slide_crop every
+  # slide_stride, logits averaged) on the image fitted in eval_scale; 'whole'.
+  config.data.eval_mode = 'slide'
   config.data.slide_crop = 480
   config.data.slide_stride = 320
   config.data.max_eval_images = 0  # > 0: the first N validation images.
@@ -152,6 +155,7 @@ def _smoke(config: ml_collections.ConfigDict) -> None:
   config.data.ratio_range = (0.75, 1.5)
   config.data.crop = 32
   config.data.eval_scale = (48, 48)
+  config.data.eval_mode = 'whole'  # The 48 x 48 scenes: one window.
   config.data.threads = 0
   config.optimizer.learning_rate = 4e-3  # From scratch.
   config.optimizer.warmup_steps = 20
