@@ -3,6 +3,7 @@ adapters move, SPD's steps equal the float64 reference on the same adapter
 gradients, the loss is on the answer tokens only, WiSE-FT's endpoints are
 the pre-trained and fine-tuned models, and the evaluation's bookkeeping."""
 
+import dataclasses
 import os
 import shutil
 
@@ -254,10 +255,17 @@ def test_rows_too_long_are_refused_before_training(run):
   with pytest.raises(ValueError, match=f'max_len={longest - 1}:'
                      f' {int((lengths == longest).sum())} rows of \'t\''):
     check(longest - 1, {'t': (rows, True)})
+  # An evaluation question longer than max_len is not refused: evaluation
+  # pads to the longest question (a multiple of 8), which then fits whole.
   long = data.Row('77', rows[0].image, 'what ' * 40 + '?', rows[0].answers)
-  with pytest.raises(ValueError, match=r"rows of 'okvqa' need more text"
-                     r" tokens \(up to \d+\), e.g. question ids \['77'\]"):
-    check(16, {'okvqa': ([long], False)})
+  eval_len = check(16, {'t': (rows, True), 'okvqa': ([long], False)})
+  assert eval_len % 8 == 0 and eval_len > 40
+  assert check(longest, {'t': (rows, True)}) == longest
+  inputs = loop.encode(dataclasses.replace(run, eval_len=eval_len), [long],
+                       answers=False)
+  text = inputs['input_mask'].sum() - run.loaded.num_image_tokens
+  assert eval_len - 8 < text <= eval_len
+  assert inputs['tokens'].shape[1] == run.loaded.num_image_tokens + eval_len
 
 
 def _with_max_len(config, max_len):

@@ -85,6 +85,7 @@ class Run:
   eval_sets: dict
   train_step: Any
   generate: Any
+  eval_len: int  # Text tokens of an evaluation row (``_check_lengths``).
 
 
 def _inputs(config, workdir) -> tuple[str, str]:
@@ -120,9 +121,10 @@ def _set_up(config, mesh, model_dir: str, data_dir: str) -> Run:
                             seed=config.seed, vision=spec.vision)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   train, held_out, sets = _read_data(config, data_dir)
-  _check_lengths(config, loaded, tokenizer,
-                 {data.TRAIN: (train + held_out, True),
-                  **{name: (rows, False) for name, rows in sets.items()}})
+  eval_len = _check_lengths(
+      config, loaded, tokenizer,
+      {data.TRAIN: (train + held_out, True),
+       **{name: (rows, False) for name, rows in sets.items()}})
   tx = optimizers.make_optimizer(config, lora=True)
   dtype = families.DTYPES[config.model.dtype]
   adapters = adapted.lora.to_pure_dict()
@@ -135,7 +137,7 @@ def _set_up(config, mesh, model_dir: str, data_dir: str) -> Run:
           config.optimizer.name in ('spd', 'projection'))),
       steps.make_generate(adapted.eval_graphdef, dtype=dtype,
                           max_new_tokens=config.eval.max_new_tokens,
-                          eos_id=eos, pad_id=pad))
+                          eos_id=eos, pad_id=pad), eval_len)
 
 
 def _token_counts(tokenizer, texts: list[str]) -> np.ndarray:
@@ -144,13 +146,19 @@ def _token_counts(tokenizer, texts: list[str]) -> np.ndarray:
   return np.array([len(i) for i in ids], np.int64)
 
 
-def _check_lengths(config, loaded, tokenizer, named: dict) -> None:
-  """Refuses, before training, rows longer than ``data.max_len`` text tokens.
+def _check_lengths(config, loaded, tokenizer, named: dict) -> int:
+  """Refuses, before training, training rows longer than ``data.max_len``
+  text tokens; returns the text length evaluation pads to.
 
   ``named``: ``{set: (rows, with the training answer)}``. A row takes the
   kind's fixed tokens (BOS, Gemma 3's image frame; measured on a one-word
-  question) plus its prompt's and, in training, its answer's and EOS.
+  question) plus its prompt's and, in training, its answer's and EOS. A set
+  evaluated without answers is never refused: evaluation pads every question
+  to the longest one's length (at least ``data.max_len``, a multiple of 8),
+  so that a long question of an OOD set (VizWiz's spoken ones) is read
+  whole.
   """
+  eval_len = config.data.max_len
   prompt = config.data.prompt
   probe = models.build_inputs(
       tokenizer, ['x'], None, loaded=loaded, max_len=4096,
@@ -163,18 +171,23 @@ def _check_lengths(config, loaded, tokenizer, named: dict) -> None:
     if with_answers:
       need += _token_counts(tokenizer,
                             [data.training_answer(r) for r in rows]) + 1
+    if not with_answers:
+      eval_len = max(eval_len, -(-int(need.max(initial=0)) // 8) * 8)
+      continue
     over = np.flatnonzero(need > config.data.max_len)
     if over.size:
       raise ValueError(
           f'config.data.max_len={config.data.max_len}: {over.size} rows of'
           f' {name!r} need more text tokens (up to {int(need.max())}), e.g.'
           f' question ids {[rows[i].question_id for i in over[:5]]}.')
+  return eval_len
 
 
 def encode(run: Run, rows: list, *, answers: bool) -> dict[str, np.ndarray]:
   """Rows -> PaliGemma's inputs (``models.build_inputs``) and images; with
   ``answers``, the training answer as the suffix."""
-  max_len = run.loaded.num_image_tokens + run.config.data.max_len
+  max_len = run.loaded.num_image_tokens + (
+      run.config.data.max_len if answers else run.eval_len)
   try:
     out = models.build_inputs(
         run.tokenizer, [r.question for r in rows],
