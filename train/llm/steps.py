@@ -6,8 +6,9 @@ tokens before it, the mean over the tokens of the batch whose ``loss_mask``
 is 1 (padding never). A step takes ``k`` micro-batches (``batch['input_ids']``
 is ``[k, micro, T]``), adds their gradients in a ``lax.scan`` (activations of
 one micro-batch at a time) and averages them, as gradient accumulation over
-micro-batches does, then applies one optimizer update to the adapters only:
-the base weights are an input, never an output, so they cannot change.
+micro-batches does, then applies one optimizer update to the adapters only
+(``train.language.lora_training``, shared with the VQA recipe): the base
+weights are an input, never an output, so they cannot change.
 
 Adapters are float32 (and so are the gradients and the optimizer state);
 they are cast to the compute dtype (the base weights' dtype, e.g. bfloat16)
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import spd_optax
+from train.language import lora_training
 from train.language import models
 
 
@@ -52,36 +53,11 @@ def loss_fn(graphdef, lora, base, batch, key, dtype) -> jax.Array:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *,
                     dtype, spd: bool):
-  """``step(lora, opt_state, base, batch, key) -> (lora, opt_state, metrics)``.
-
-  Jitted; ``lora`` and ``opt_state`` are donated. ``spd``: add SPD's
-  diagnostics (``spd_optax.diagnostics_summary``) to the metrics.
-  """
-
-  def step(lora, opt_state, base, batch, key):
-    num_micro = batch['input_ids'].shape[0]
-    keys = jax.random.split(key, num_micro)
-    grad_fn = jax.value_and_grad(loss_fn, argnums=1)
-
-    def micro_step(grads, xs):
-      micro_batch, micro_key = xs
-      loss, g = grad_fn(graphdef, lora, base, micro_batch, micro_key, dtype)
-      return jax.tree.map(jnp.add, grads, g), loss
-
-    grads, losses = jax.lax.scan(
-        micro_step, jax.tree.map(jnp.zeros_like, lora), (batch, keys))
-    grads = jax.tree.map(lambda g: g / num_micro, grads)
-    updates, opt_state = tx.update(grads, opt_state, lora)
-    lora = optax.apply_updates(lora, updates)
-    metrics = {'train/loss': jnp.mean(losses),
-               'train/grad_norm': optax.tree.norm(grads),
-               'train/adapter_norm': optax.tree.norm(lora)}
-    if spd:
-      metrics.update({k.replace('spd/', 'train/spd_'): v for k, v in
-                      spd_optax.diagnostics_summary(opt_state).items()})
-    return lora, opt_state, metrics
-
-  return jax.jit(step, donate_argnums=(0, 1))
+  """``step(lora, opt_state, base, batch, key) -> (lora, opt_state, metrics)``
+  on :func:`loss_fn` (``train.language.lora_training``: jitted, ``lora`` and
+  ``opt_state`` donated; ``spd``: SPD's diagnostics join the metrics)."""
+  return lora_training.make_lora_train_step(loss_fn, graphdef, tx,
+                                            dtype=dtype, spd=spd)
 
 
 def make_val_loss(graphdef, *, dtype):

@@ -6,14 +6,20 @@ prompt) is read with full attention, the answer and its EOS (the suffix,
 
 .. math::
 
-   L = -\frac{1}{|S|} \sum_{(b, t) \in S} \log p(x_{b,t} \mid x_{b,<t},
-   \mathrm{image}_b),
+   L = \frac{1}{k} \sum_{j=1}^{k} -\frac{1}{|S_j|} \sum_{(b, t) \in S_j}
+   \log p(x_{b,t} \mid x_{b,<t}, \mathrm{image}_b),
 
-the mean over the suffix tokens ``S`` of the batch, nothing else. A step
-takes ``k`` micro-batches (every array of ``batch`` is ``[k, micro, ...]``),
-adds their gradients in a ``lax.scan`` (one micro-batch's activations at a
-time), averages them, and applies one optimizer update to the adapters only:
-the base weights are an input, never an output, so they cannot change.
+the mean over the ``k`` micro-batches of each one's mean over its suffix
+tokens ``S_j``, nothing else: gradient accumulation as LAVIS's runner (which
+FRAMES-VQA trains with) does it, the loss of each micro-batch divided by
+``k``. With ``k = 1`` it is the mean over the batch's suffix tokens; with
+several, a token of a micro-batch with short answers weighs more than one of
+a micro-batch with long answers, so ``micro_batch_size`` is part of the
+setting (``train.core.run_identity`` keeps it). A step takes ``k``
+micro-batches (every array of ``batch`` is ``[k, micro, ...]``), adds their
+gradients in a ``lax.scan`` (one micro-batch's activations at a time),
+averages them, and applies one optimizer update to the adapters only: the
+base weights are an input, never an output, so they cannot change.
 
 Adapters are float32 (so are their gradients and the optimizer state); they
 are cast to the compute dtype inside the loss.
@@ -26,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import spd_optax
+from train.language import lora_training
 from train.language import models as lm
 from train.vqa import models
 
@@ -60,38 +66,13 @@ def loss_fn(graphdef, lora, base, batch, key, dtype) -> jax.Array:
   return total / jnp.maximum(count, 1.0)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, dtype,
-                    spd: bool):
-  """``step(lora, opt_state, base, batch, key) -> (lora, opt_state, metrics)``.
-
-  Jitted; ``lora`` and ``opt_state`` are donated. ``spd``: SPD's diagnostics
-  (``spd_optax.diagnostics_summary``) join the metrics as ``train/spd_*``.
-  """
-
-  def step(lora, opt_state, base, batch, key):
-    num_micro = batch['tokens'].shape[0]
-    keys = jax.random.split(key, num_micro)
-    grad_fn = jax.value_and_grad(loss_fn, argnums=1)
-
-    def micro_step(grads, xs):
-      micro_batch, micro_key = xs
-      loss, g = grad_fn(graphdef, lora, base, micro_batch, micro_key, dtype)
-      return jax.tree.map(jnp.add, grads, g), loss
-
-    grads, losses = jax.lax.scan(
-        micro_step, jax.tree.map(jnp.zeros_like, lora), (batch, keys))
-    grads = jax.tree.map(lambda g: g / num_micro, grads)
-    updates, opt_state = tx.update(grads, opt_state, lora)
-    lora = optax.apply_updates(lora, updates)
-    metrics = {'train/loss': jnp.mean(losses),
-               'train/grad_norm': optax.tree.norm(grads),
-               'train/adapter_norm': optax.tree.norm(lora)}
-    if spd:
-      metrics.update({k.replace('spd/', 'train/spd_'): v for k, v in
-                      spd_optax.diagnostics_summary(opt_state).items()})
-    return lora, opt_state, metrics
-
-  return jax.jit(step, donate_argnums=(0, 1))
+def make_train_step(graphdef, tx: optax.GradientTransformation, *,
+                    dtype, spd: bool):
+  """``step(lora, opt_state, base, batch, key) -> (lora, opt_state, metrics)``
+  on :func:`loss_fn` (``train.language.lora_training``: jitted, ``lora`` and
+  ``opt_state`` donated; ``spd``: SPD's diagnostics join the metrics)."""
+  return lora_training.make_lora_train_step(loss_fn, graphdef, tx,
+                                            dtype=dtype, spd=spd)
 
 
 def make_generate(graphdef, *, dtype, max_new_tokens: int, eos_id: int,
