@@ -107,3 +107,65 @@ def test_corrupt_is_deterministic_per_image_and_refuses_bad_input():
     C.corrupt(image, 'fog', 6, seed=0, index=0)
   with pytest.raises(ValueError, match=r'\(12, 12\)'):
     C.corrupt(image[..., 0], 'fog', 1, seed=0, index=0)
+
+
+# ImageNet-C's constants (Hendrycks & Dietterich 2019, the reference's
+# corruptions.py), written here apart from the module's own tables.
+_IMAGENET_C = {
+    'gaussian_noise': (0.08, 0.12, 0.18, 0.26, 0.38),
+    'brightness': (0.1, 0.2, 0.3, 0.4, 0.5),
+    'defocus_blur': ((3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)),
+    'fog': ((1.5, 2), (2., 2), (2.5, 1.7), (2.5, 1.5), (3., 1.4)),
+}
+
+
+def test_the_severity_tables_are_imagenet_cs():
+  assert C.GAUSSIAN_NOISE == _IMAGENET_C['gaussian_noise']
+  assert C.BRIGHTNESS == _IMAGENET_C['brightness']
+  assert C.DEFOCUS == _IMAGENET_C['defocus_blur']
+  assert C.FOG == _IMAGENET_C['fog']
+
+
+@pytest.mark.parametrize('severity', C.SEVERITIES)
+def test_brightness_of_a_known_pixel_at_each_severity(severity):
+  image = np.array([[[200, 100, 50]]], np.uint8)
+  # v = 200/255 raised by c and capped at 1; s = .75 and the hue (G a third
+  # of the way from min to max) unchanged.
+  c = _IMAGENET_C['brightness'][severity - 1]
+  top = min(200 / 255 + c, 1.0) * 255
+  low = top * 0.25
+  np.testing.assert_allclose(C.brightness(image, severity)[0, 0],
+                             [top, low + (top - low) / 3, low], rtol=1e-12)
+
+
+@pytest.mark.parametrize('severity', C.SEVERITIES)
+def test_defocus_of_a_point_is_the_disk_of_its_severity(severity):
+  radius, blur = _IMAGENET_C['defocus_blur'][severity - 1]
+  kernel = C.disk(radius, blur)
+  half = kernel.shape[0] // 2
+  # Before the anti-aliasing blur, the disk is the lattice points within the
+  # radius: count them by hand for the (r <= 8: 3 x 3, s) blur's centre.
+  n = sum(1 for i in range(-half, half + 1) for j in range(-half, half + 1)
+          if i * i + j * j <= radius * radius)
+  assert kernel.shape == (2 * half + 1,) * 2 and n > 0
+  assert kernel[half, half] <= 1 / n + 1e-12  # Blurring never sharpens.
+  point = np.zeros((4 * half + 3, 4 * half + 3, 3), np.uint8)
+  point[2 * half + 1, 2 * half + 1] = 255
+  out = C.defocus_blur(point, severity)
+  np.testing.assert_allclose(
+      out[half + 1:3 * half + 2, half + 1:3 * half + 2, 1],
+      np.clip(kernel, 0, 1) * 255, atol=1e-9)
+
+
+def test_plasma_fractal_of_two_by_two_by_hand():
+  # One octave (step 2, half 1, wibble 100): the centre m11 is the mean of
+  # four zero corners plus 100 U(-100, 100); each edge the mean of two
+  # centres (wrapped) and two corners plus its own draw.
+  draws = np.random.default_rng(5)
+  u1, u2, u3 = (100 * draws.uniform(-100, 100, (1, 1))[0, 0] for _ in range(3))
+  m11 = u1
+  m = np.array([[0.0, 2 * m11 / 4 + u2], [2 * m11 / 4 + u3, m11]])
+  m -= m.min()
+  np.testing.assert_allclose(
+      C.plasma_fractal(2, 2.0, np.random.default_rng(5)), m / m.max(),
+      rtol=1e-12)
