@@ -10,7 +10,7 @@ A recipe's ``train_and_evaluate`` reads top to bottom::
     schedule = loop.Schedule.of(config, start_step, total_steps=...)
     results = s.train(loop.Steps(...), schedule, start_step)
     if s.finished(schedule):
-      <final evaluation>
+      results = s.evaluate_once(step, <final evaluation>)   # result.json
   loop.print_table(rows, header)
 
 and supplies its state, its step and its evaluation (:class:`Steps`). The
@@ -26,11 +26,14 @@ skeleton owns the rest, in one order for every recipe:
 - the throughput clock, the non-finite check before any row or checkpoint
   is written, the evaluation owed after a resume (a saved step that was not
   evaluated), save-before-evaluate (an evaluation crash loses no training),
-  the stop on a signal (``Preempted``, after the save), the final table.
+  the stop on a signal (``Preempted``, after the save), the final
+  evaluation computed once and kept in ``result.json``
+  (:meth:`Session.evaluate_once`), the final table.
 """
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -43,6 +46,7 @@ import numpy as np
 import tqdm
 
 from train.core import checkpoints
+from train.core import files
 from train.core import metrics as metrics_lib
 from train.core import preemption as preemption_lib
 from train.core import workdir_lock
@@ -221,6 +225,24 @@ class Session:
         self.writer.write(step, eval_results)
     progress.close()
     return eval_results
+
+  def evaluate_once(self, step: int,
+                    evaluate: Callable[[], dict[str, float]]
+                    ) -> dict[str, float]:
+    """The run's final evaluation, computed once: ``evaluate()`` is logged
+    at ``step`` and kept in ``result.json``; a finished run run again reads
+    it back instead of evaluating again."""
+    path = os.path.join(self.workdir, 'result.json')
+    if os.path.exists(path):  # Finished before: nothing to redo.
+      with open(path) as f:
+        return json.load(f)['metrics']
+    results = evaluate()
+    self.writer.write(step, results)
+    if jax.process_index() == 0:
+      with files.atomic_write(path) as f:
+        json.dump({'step': step, 'metrics': results}, f, indent=2,
+                  sort_keys=True)
+    return results
 
   def finished(self, schedule: Schedule) -> bool:
     """Whether the run is done (not stopped by ``max_steps_per_run``)."""

@@ -18,7 +18,6 @@ loss stops the run before any checkpoint after it.
 """
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Iterator
@@ -28,7 +27,6 @@ import ml_collections
 import numpy as np
 import transformers
 
-from train.core import files
 from train.core import loop
 from train.core import optimizers
 from train.core import run_identity
@@ -198,22 +196,12 @@ def _steps(run: Run, start_step: int, session: loop.Session) -> loop.Steps:
 
 # -- The end ------------------------------------------------------------------
 
-def _final_results(run: Run, workdir: str, writer) -> dict[str, float]:
-  """The test sets' accuracies, evaluated once (``result.json`` keeps them)."""
-  path = os.path.join(workdir, 'result.json')
-  if os.path.exists(path):  # Finished before: nothing to redo.
-    with open(path) as f:
-      return json.load(f)['metrics']
-  results = evaluate.evaluate(
+def _final_results(run: Run) -> dict[str, float]:
+  """The test sets' accuracies."""
+  return evaluate.evaluate(
       run.scorer, (run.lora, run.adapted.base), run.tokenizer, run.test_sets,
       modes=tuple(run.config.eval.modes),
       batch_size=run.config.eval_batch_size)
-  writer.write(run.config.num_train_steps, results)
-  if jax.process_index() == 0:
-    with files.atomic_write(path) as f:
-      json.dump({'step': run.config.num_train_steps, 'metrics': results}, f,
-                indent=2, sort_keys=True)
-  return results
 
 
 def _table(results: dict[str, float]) -> tuple[list[list], list[str]]:
@@ -252,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if not session.finished(schedule):
       return {}
     session.checkpointer.wait()
-    results = _final_results(run, workdir, session.writer)
+    results = session.evaluate_once(config.num_train_steps,
+                                    lambda: _final_results(run))
   if results:
     loop.print_table(*_table(results))
   return results

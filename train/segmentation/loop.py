@@ -30,7 +30,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from train.core import files
 from train.core import loop
 from train.core import metrics as metrics_lib
 from train.core import optimizers
@@ -192,19 +191,9 @@ def _restored(run: Run, model: Any, opt_state: Any) -> None:
 
 # -- The end ------------------------------------------------------------------
 
-def _final_results(run: Run, workdir: str, writer) -> dict[str, float]:
-  """Clean and corrupted mIoU, evaluated once (``result.json`` keeps them)."""
-  path = os.path.join(workdir, 'result.json')
-  if os.path.exists(path):  # Finished before: nothing to redo.
-    with open(path) as f:
-      return json.load(f)['metrics']
-  results = run.evaluator.robustness(run.params, run.stats, run.rest)
-  writer.write(run.config.num_train_steps, results)
-  if jax.process_index() == 0:
-    with files.atomic_write(path) as f:
-      json.dump({'step': run.config.num_train_steps, 'metrics': results}, f,
-                indent=2, sort_keys=True)
-  return results
+def _final_results(run: Run) -> dict[str, float]:
+  """Clean and corrupted mIoU."""
+  return run.evaluator.robustness(run.params, run.stats, run.rest)
 
 
 def _start_miou(workdir: str) -> float:
@@ -247,7 +236,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if not session.finished(schedule):
       return {}
     session.checkpointer.wait()
-    results = _final_results(run, workdir, session.writer)
+    results = session.evaluate_once(config.num_train_steps,
+                                    lambda: _final_results(run))
   results['start/mIoU'] = _start_miou(workdir)
   loop.print_table(*evaluate.table(results, config))
   return results

@@ -20,7 +20,6 @@ before any checkpoint after it.
 """
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Iterator
@@ -30,7 +29,6 @@ import ml_collections
 import numpy as np
 import transformers
 
-from train.core import files
 from train.core import loop
 from train.core import optimizers
 from train.core import run_identity
@@ -274,12 +272,8 @@ def _prefixes(config) -> list[tuple[str, float]]:
   return [(wise_ft.prefix(a), float(a)) for a in alphas]
 
 
-def _final_results(run: Run, workdir: str, writer) -> dict[str, float]:
-  """Every set's accuracy, evaluated once (``result.json`` keeps them)."""
-  path = os.path.join(workdir, 'result.json')
-  if os.path.exists(path):  # Finished before: nothing to redo.
-    with open(path) as f:
-      return json.load(f)['metrics']
+def _final_results(run: Run) -> dict[str, float]:
+  """Every set's accuracy, at each WiSE-FT alpha."""
   results = {}
   # The held-out rows too: what picks among runs (and WiSE-FT's alphas).
   sets = ({HELD_OUT: run.val_rows} if run.val_rows else {}) | run.eval_sets
@@ -288,11 +282,6 @@ def _final_results(run: Run, workdir: str, writer) -> dict[str, float]:
     results.update(evaluate.evaluate_sets(
         sets, _answer_fn(run, lora), near=run.config.data.near_ood,
         far=run.config.data.far_ood, prefix=prefix))
-  writer.write(run.config.num_train_steps, results)
-  if jax.process_index() == 0:
-    with files.atomic_write(path) as f:
-      json.dump({'step': run.config.num_train_steps, 'metrics': results}, f,
-                indent=2, sort_keys=True)
   return results
 
 
@@ -322,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if not session.finished(schedule):
       return {}
     session.checkpointer.wait()
-    results = _final_results(run, workdir, session.writer)
+    results = session.evaluate_once(config.num_train_steps,
+                                    lambda: _final_results(run))
   if results:
     prefixes = [p for p, _ in _prefixes(config)]
     loop.print_table(*evaluate.table(results, prefixes,
